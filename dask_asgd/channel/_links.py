@@ -1,0 +1,110 @@
+"""The sending side towards one peer: bounded sends in flight, a latest-wins
+waiting slot per (topic, key), and a timing log for every send."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+
+@dataclass
+class Outgoing:
+    topic: str
+    key: int
+    payload: Any
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return int(getattr(self.payload, "nbytes", 0))
+
+
+class PeerLink:
+    """At most ``limit`` sends to one peer on the wire; newer messages wait, newest wins.
+
+    Example::
+
+        link = PeerLink("tcp://10.0.0.2:4000", send, limit=2, timeout=30, log_length=256)
+        link.submit(Outgoing("updates", 0, array))   # on the event loop
+        link.in_flight, link.sent, link.superseded, link.log[-1]   # (bytes, seconds)
+    """
+
+    address: str
+    limit: int
+    in_flight: int
+    sent: int
+    failed: int
+    refused: int
+    bytes_sent: int
+    superseded: int
+    log: deque[tuple[int, float]]
+    last_error: str | None
+
+    def __init__(
+        self,
+        address: str,
+        send: Callable[[str, Outgoing], Awaitable[Any]],
+        limit: int,
+        timeout: float,
+        log_length: int,
+    ):
+        self.address = address
+        self.limit = limit
+        self.in_flight = 0
+        self.sent = self.failed = self.refused = self.bytes_sent = self.superseded = 0
+        self.log = deque(maxlen=log_length)
+        self.last_error = None
+        self._send = send
+        self._timeout = timeout
+        self._waiting: dict[tuple[str, int], Outgoing] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    def submit(self, message: Outgoing) -> None:
+        """Send now if the bound allows, else wait in the (topic, key) slot."""
+        if self.in_flight < self.limit:
+            self._start(message)
+            return
+        slot = (message.topic, message.key)
+        if self._waiting.pop(slot, None) is not None:
+            self.superseded += 1
+        self._waiting[slot] = message
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def _start(self, message: Outgoing) -> None:
+        self.in_flight += 1
+        task = asyncio.ensure_future(self._deliver(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _deliver(self, message: Outgoing) -> None:
+        start = time.perf_counter()
+        try:
+            reply = await asyncio.wait_for(self._send(self.address, message), self._timeout)
+        except Exception as exc:  # a peer that left or broke must not harm the sender
+            self.failed += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+        else:
+            elapsed = time.perf_counter() - start
+            if isinstance(reply, dict) and reply.get("status") == "ok":
+                self.sent += 1
+                self.bytes_sent += message.nbytes
+                self.log.append((message.nbytes, elapsed))
+            else:
+                self.refused += 1
+                self.last_error = str(reply)
+        finally:
+            self.in_flight -= 1
+            if self._waiting and self.in_flight < self.limit:
+                slot = next(iter(self._waiting))
+                self._start(self._waiting.pop(slot))
+
+    async def close(self) -> None:
+        self._waiting.clear()
+        for task in list(self._tasks):
+            task.cancel()

@@ -1,0 +1,73 @@
+"""A topic's mailbox on the receiving worker: the newest message per (sender, key)
+wins, as with the papers' one-sided writes into a peer's buffer."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ._spec import PayloadSpec
+
+
+@dataclass
+class Message:
+    sender: str
+    key: int
+    payload: Any
+    meta: dict = field(default_factory=dict)
+
+
+class Mailbox:
+    """Thread-safe latest-wins store written by the event loop, read by the training thread.
+
+    Example::
+
+        box = Mailbox(PayloadSpec("float64", {0: (10,)}))
+        box.put(Message("tcp://a:1", 0, np.zeros(10)))
+        box.put(Message("tcp://a:1", 0, np.ones(10)))   # replaces the unread one
+        [m.payload[0] for m in box.take()]               # [1.0]; box.overwritten == 1
+    """
+
+    spec: PayloadSpec
+    received: int
+    overwritten: int
+
+    def __init__(self, spec: PayloadSpec):
+        self.spec = spec
+        self.received = 0
+        self.overwritten = 0
+        self._slots: dict[tuple[str, int], Message] = {}
+        self._changed = threading.Condition()
+
+    def put(self, message: Message) -> None:
+        with self._changed:
+            slot = (message.sender, message.key)
+            if slot in self._slots:
+                self.overwritten += 1
+            self._slots[slot] = message
+            self.received += 1
+            self._changed.notify_all()
+
+    def take(self) -> list[Message]:
+        """Every unread message, oldest slot first; the mailbox is empty afterwards."""
+        with self._changed:
+            messages = list(self._slots.values())
+            self._slots.clear()
+        return messages
+
+    def wait_for(self, ready: Callable[[list[Message]], bool], timeout: float) -> list[Message]:
+        """Block until ``ready(unread)`` holds or ``timeout`` passes; returns the unread
+        messages without taking them."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not ready(list(self._slots.values())):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(left)
+            return list(self._slots.values())
+
+    def __len__(self) -> int:
+        return len(self._slots)

@@ -1,0 +1,133 @@
+"""Topic-based publish/subscribe between workers on Dask's comm layer.
+
+A worker plugin registers an RPC handler (as distributed's P2P shuffle does);
+publishers send straight to a peer's handler over the worker's connection pool,
+never through the scheduler. The channel knows arrays and topics, not SGD."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from array_api_compat import array_namespace
+from distributed import WorkerPlugin, get_worker
+from distributed.protocol import to_serialize
+
+from .. import config
+from ._links import Outgoing, PeerLink
+from ._mailbox import Mailbox, Message
+from ._spec import PayloadSpec
+
+logger = logging.getLogger(__name__)
+
+HANDLER = "asgd_deliver"
+
+
+class Channel(WorkerPlugin):
+    """A worker's end of the channel: its mailboxes and its links to peers.
+
+    Example::
+
+        client.register_plugin(Channel())            # once per cluster
+        # inside a task on a worker:
+        channel = get_channel()
+        box = channel.subscribe("run-1/updates", PayloadSpec("float64", {0: (10,)}))
+        channel.publish("run-1/updates", peer_address, state, key=0)
+        messages = box.take()
+    """
+
+    name = "dask-asgd-channel"
+    idempotent = True  # registering again (every fit does) keeps live mailboxes
+
+    worker = None
+    mailboxes: dict[str, Mailbox]
+    links: dict[str, PeerLink]
+    dropped: Counter
+
+    def setup(self, worker):
+        self.worker = worker
+        self.mailboxes = {}
+        self.links = {}
+        self.dropped = Counter()
+        self._limit = int(config.get("channel.max-in-flight-per-peer"))
+        self._timeout = float(config.get("channel.send-timeout"))
+        self._log_length = int(config.get("channel.log-length"))
+        worker.handlers[HANDLER] = self._on_deliver
+
+    async def teardown(self, worker):
+        worker.handlers.pop(HANDLER, None)
+        for link in self.links.values():
+            await link.close()
+
+    def subscribe(self, topic: str, spec: PayloadSpec) -> Mailbox:
+        """Open (or replace) the mailbox that receives ``topic`` on this worker."""
+        box = self.mailboxes[topic] = Mailbox(spec)
+        return box
+
+    def unsubscribe(self, topic: str) -> None:
+        self.mailboxes.pop(topic, None)
+
+    def publish(self, topic: str, peer: str, payload, key: int = 0, meta: dict | None = None) -> None:
+        """Queue ``payload`` for ``peer``'s mailbox of ``topic``; returns at once.
+
+        Safe to call from any thread. The array is copied first, so the caller
+        may keep changing its own.
+        """
+        xp = array_namespace(payload)
+        message = Outgoing(topic, key, xp.asarray(payload, copy=True), dict(meta or {}))
+        self.worker.loop.add_callback(self._link(peer).submit, message)
+
+    def link(self, peer: str) -> PeerLink | None:
+        return self.links.get(peer)
+
+    def _link(self, peer: str) -> PeerLink:
+        link = self.links.get(peer)
+        if link is None:
+            link = self.links[peer] = PeerLink(peer, self._send, self._limit, self._timeout, self._log_length)
+        return link
+
+    async def _send(self, peer: str, message: Outgoing):
+        return await self.worker.rpc(peer).asgd_deliver(
+            topic=message.topic,
+            key=message.key,
+            sender=self.worker.address,
+            payload=to_serialize(message.payload),
+            meta=message.meta,
+        )
+
+    async def _on_deliver(self, **msg) -> dict:
+        # Anything a peer sends lands here; a bad message is counted and refused,
+        # never raised (that would cost the connection).
+        try:
+            topic, sender = msg.get("topic"), msg.get("sender")
+            key, payload, meta = msg.get("key"), msg.get("payload"), msg.get("meta", {})
+            box = self.mailboxes.get(topic) if isinstance(topic, str) else None
+            if box is None:
+                self.dropped["no-subscriber"] += 1
+                return {"status": "dropped", "reason": f"no subscriber for topic {topic!r}"}
+            if not isinstance(sender, str):
+                reason = "sender is not an address"
+            else:
+                reason = box.spec.problem(key, payload, meta)
+            if reason is not None:
+                self.dropped["malformed"] += 1
+                logger.info("dropped malformed message on %r from %r: %s", topic, sender, reason)
+                return {"status": "dropped", "reason": reason}
+            box.put(Message(sender, key, payload, meta))
+            return {"status": "ok"}
+        except Exception as exc:
+            self.dropped["error"] += 1
+            logger.warning("dropped message that broke delivery: %r", exc)
+            return {"status": "dropped", "reason": repr(exc)}
+
+
+def get_channel() -> Channel:
+    """The channel of the worker running the current task."""
+    worker = get_worker()
+    try:
+        return worker.plugins[Channel.name]
+    except KeyError:
+        raise RuntimeError(
+            "the dask-asgd channel is not registered on this worker; "
+            "call client.register_plugin(dask_asgd.channel.Channel()) first"
+        ) from None

@@ -1,0 +1,46 @@
+"""What a topic accepts: the checks a payload must pass before it reaches a mailbox."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from array_api_compat import array_namespace, is_array_api_obj
+
+_META_TYPES = (int, float, str, bool)
+MAX_META_ITEMS = 16
+
+
+@dataclass(frozen=True)
+class PayloadSpec:
+    """Expected dtype and, per message key, shape of a topic's arrays.
+
+    Example::
+
+        spec = PayloadSpec("float64", {0: (50,), 1: (14,)})
+        spec.problem(0, np.zeros(50), {})      # None: fine
+        spec.problem(1, np.zeros(50), {})      # "shape (50,) != expected (14,) for key 1"
+    """
+
+    dtype: str
+    shapes: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    finite: bool = True
+
+    def problem(self, key, payload, meta) -> str | None:
+        """Why the message is malformed, or ``None`` when it may be delivered."""
+        if not isinstance(key, int) or key not in self.shapes:
+            return f"unknown key {key!r}"
+        if not is_array_api_obj(payload):
+            return f"payload is a {type(payload).__name__}, not an array"
+        if str(payload.dtype) != self.dtype:
+            return f"dtype {payload.dtype} != expected {self.dtype}"
+        if tuple(payload.shape) != self.shapes[key]:
+            return f"shape {tuple(payload.shape)} != expected {self.shapes[key]} for key {key}"
+        if not isinstance(meta, dict) or len(meta) > MAX_META_ITEMS:
+            return "meta is not a small dict"
+        if not all(isinstance(k, str) and isinstance(v, _META_TYPES) for k, v in meta.items()):
+            return "meta holds values other than numbers and strings"
+        if self.finite:
+            xp = array_namespace(payload)
+            if not bool(xp.all(xp.isfinite(payload))):
+                return "payload holds NaN or inf"
+        return None

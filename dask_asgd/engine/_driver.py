@@ -1,0 +1,188 @@
+"""The client's side of a fit: put the rows on the workers, compute the shared
+initial state there, keep one chain of training tasks going per worker until each
+stops, and assemble the history. No model state or data passes through here
+until the final (small) states come back."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xarray as xr
+from array_api_compat import array_namespace
+from distributed import Client, as_completed
+
+from .. import config
+from ..channel import Channel
+from ..models import SGDModel
+from ._data import Shard, place
+from ._history import build_history
+from ._spec import RunSpec
+from ._worker import initial_state, sample_rows, train_segment
+
+# Links queued behind the running one, so a worker never idles waiting for the client.
+CHAIN_DEPTH = 2
+
+
+@dataclass
+class FitResult:
+    params: Any
+    history: xr.Dataset
+    samples: int
+    n_iter: int
+    stop_reasons: dict[str, str]
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or inf during training."""
+
+
+def fit(
+    client: Client,
+    model: SGDModel,
+    X,
+    y,
+    *,
+    mode: str,
+    learning_rate: float,
+    batch_size: int,
+    comm_interval: int,
+    message_size: int,
+    update_filter: str | None,
+    max_epochs: int,
+    max_time: float | None,
+    tol: float | None,
+    seed: int,
+) -> FitResult:
+    """Train ``model`` on X (and y) with the cluster behind ``client``."""
+    t0 = time.time()
+    workers = sorted(client.scheduler_info()["workers"])
+    if not workers:
+        raise RuntimeError("the Dask cluster has no workers; start some (dask worker ADDRESS) and fit again")
+    if mode == "sequential":
+        workers = workers[:1]
+    if mode in ("asgd", "sync"):
+        client.register_plugin(Channel())
+    shards = place(client, X, y, workers)
+    n_samples = sum(s.n_rows for s in shards)
+    init = _initial_state(client, model, shards, n_samples, seed)
+    spec = RunSpec(
+        run_id=uuid.uuid4().hex[:12],
+        mode=mode,
+        model=model,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        comm_interval=comm_interval,
+        message_size=message_size,
+        update_filter=update_filter,
+        max_epochs=max_epochs,
+        max_time=max_time,
+        tol=tol,
+        n_iter_no_change=int(config.get("engine.n-iter-no-change")),
+        seed=seed,
+        t0=t0,
+        n_samples=n_samples,
+        peers=tuple(s.address for s in shards),
+        history_interval=float(config.get("engine.history-interval")),
+        segment_seconds=float(config.get("engine.segment-seconds")),
+        eval_size=int(config.get("engine.eval-size")),
+        sync_timeout=float(config.get("engine.sync-timeout")),
+    )
+    finals, rows = _run_chains(client, spec, shards, init)
+
+    reasons = {w: r["stop_reason"] for w, r in finals.items()}
+    diverged = [w for w, reason in reasons.items() if reason == "diverged"]
+    if diverged:
+        raise TrainingDiverged(
+            f"training diverged on {len(diverged)} worker(s): the loss became NaN or inf; "
+            f"lower learning_rate (now {learning_rate}) or standardize X"
+        )
+    samples = {w: r["samples"] for w, r in finals.items()}
+    history = build_history(
+        {s.address: rows[s.address] for s in shards},
+        spec.history_interval,
+        attrs={"mode": mode, "run_id": spec.run_id, "model": type(model).__name__},
+    )
+    history["stop_reason"] = ("worker", [reasons[s.address] for s in shards])
+    total = sum(samples.values())
+    return FitResult(
+        params=_average([finals[s.address]["params"] for s in shards], [samples[s.address] for s in shards]),
+        history=history,
+        samples=total,
+        n_iter=max(1, round(total / n_samples)),
+        stop_reasons=reasons,
+    )
+
+
+def _initial_state(client, model, shards: list[Shard], n_samples: int, seed: int):
+    # Each worker samples its own rows; only the samples travel, to one worker.
+    size = int(config.get("init.sample-size"))
+    samples = [
+        client.submit(
+            sample_rows, s.X, s.y, max(1, round(size * s.n_rows / n_samples)), seed + i,
+            workers=[s.address], pure=False,
+        )
+        for i, s in enumerate(shards)
+    ]
+    return client.submit(initial_state, model, samples, seed, workers=[shards[0].address], pure=False)
+
+
+def _run_chains(client, spec: RunSpec, shards: list[Shard], init):
+    """Keep ``CHAIN_DEPTH`` training tasks queued per worker until each worker stops."""
+    links_made = [0] * len(shards)
+    chains: list[deque] = [deque() for _ in shards]
+    owner: dict[str, int] = {}
+    done = as_completed()
+
+    def extend(i: int) -> None:
+        shard = shards[i]
+        previous = chains[i][-1] if chains[i] else None
+        future = client.submit(
+            train_segment, spec, i, shard.X, shard.y, init, previous,
+            key=f"asgd-train-{spec.run_id}-{i}-{links_made[i]}",
+            workers=[shard.address], allow_other_workers=False, pure=False,
+        )
+        links_made[i] += 1
+        owner[future.key] = i
+        chains[i].append(future)
+        done.add(future)
+
+    for i in range(len(shards)):
+        for _ in range(CHAIN_DEPTH):
+            extend(i)
+
+    finals: dict[str, dict] = {}
+    rows: dict[str, list[dict]] = {s.address: [] for s in shards}
+    try:
+        for future in done:
+            if future.cancelled():
+                continue
+            result = future.result()
+            i = owner.pop(future.key)
+            chains[i].popleft()
+            rows[shards[i].address].extend(result["rows"])
+            if result["done"]:
+                if not result.get("stale"):
+                    finals[shards[i].address] = result
+                for queued in chains[i]:
+                    queued.cancel()
+                chains[i].clear()
+            else:
+                extend(i)
+    except BaseException:
+        client.cancel([f for chain in chains for f in chain])
+        raise
+    return finals, rows
+
+
+def _average(states, weights):
+    xp = array_namespace(*states)
+    w = np.asarray(weights, dtype=float) / float(np.sum(weights))
+    total = states[0] * float(w[0])
+    for state, weight in zip(states[1:], w[1:]):
+        total = total + state * float(weight)
+    return xp.asarray(total, dtype=states[0].dtype)

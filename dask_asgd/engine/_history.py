@@ -1,0 +1,74 @@
+"""Turning the rows each worker reports into ``history_``: an xarray Dataset with
+dims ``time`` (seconds since the fit started, on a regular grid) and ``worker``."""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+UNITS = {
+    "elapsed": "s",
+    "samples": "samples",
+    "epoch": "local epochs",
+    "comm_interval": "samples",
+    "message_size": "parameters",
+    "bytes_sent": "bytes",
+    "latency": "s",
+    "bandwidth": "bytes/s",
+}
+
+DESCRIPTIONS = {
+    "loss": "model loss on a fixed sample of the worker's own rows",
+    "samples": "samples processed by the worker so far",
+    "messages_sent": "state messages the worker published",
+    "accepted": "received states the update filter merged",
+    "rejected": "received states the update filter refused",
+    "send_failed": "sends that failed or that the peer refused",
+    "in_flight": "sends on the wire when the row was taken",
+    "superseded": "messages replaced by a newer one before they were sent",
+    "overwritten": "received messages replaced by a newer one before they were read",
+    "malformed": "received messages dropped by validation",
+    "latency": "median seconds per send (recent sends)",
+    "bandwidth": "bytes per second of recent sends",
+}
+
+
+def build_history(rows_by_worker: dict[str, list[dict]], interval: float, attrs: dict) -> xr.Dataset:
+    """One Dataset from each worker's rows; a value holds until the next row."""
+    workers = list(rows_by_worker)
+    ticks = sorted({row["tick"] for rows in rows_by_worker.values() for row in rows})
+    position = {tick: i for i, tick in enumerate(ticks)}
+    names = sorted({name for rows in rows_by_worker.values() for row in rows for name in row} - {"tick"})
+    data = {name: np.full((len(ticks), len(workers)), np.nan) for name in names}
+    for j, worker in enumerate(workers):
+        for row in rows_by_worker[worker]:
+            for name in names:
+                data[name][position[row["tick"]], j] = row.get(name, np.nan)
+    variables = {}
+    for name, values in data.items():
+        filled = _forward_fill(values)
+        variables[name] = (("time", "worker"), filled, _attrs(name))
+    return xr.Dataset(
+        variables,
+        coords={"time": ("time", np.asarray(ticks, dtype=float) * interval, {"units": "s"}), "worker": workers},
+        attrs=attrs,
+    )
+
+
+def _forward_fill(values: np.ndarray) -> np.ndarray:
+    # A worker reports when it has something to say; between its rows its last
+    # values still hold (xarray's ffill would need bottleneck for this).
+    index = np.where(np.isnan(values), 0, np.arange(values.shape[0])[:, None])
+    np.maximum.accumulate(index, axis=0, out=index)
+    filled = values[index, np.arange(values.shape[1])[None, :]]
+    filled[np.isnan(values) & (np.cumsum(~np.isnan(values), axis=0) == 0)] = np.nan
+    return filled
+
+
+def _attrs(name: str) -> dict:
+    attrs = {}
+    if name in UNITS:
+        attrs["units"] = UNITS[name]
+    if name in DESCRIPTIONS:
+        attrs["description"] = DESCRIPTIONS[name]
+    return attrs

@@ -1,0 +1,344 @@
+"""The training loop on one worker: mini-batch SGD on the rows the worker holds,
+exchanging state with peers every ``comm_interval`` samples, as a chain of tasks
+that each run for a while and report their history rows to the client."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+from array_api_compat import array_namespace
+from distributed import get_worker
+
+from ..channel import PayloadSpec, get_channel
+from ..filter import UpdateFilter
+from ..models._base import host_to
+from ._spec import RunSpec
+
+# Runs live on the worker between the tasks of their chain. A finished run leaves
+# its id behind, so a task queued after the end returns at once instead of
+# starting again from scratch.
+_RUNS: dict[tuple[str, str], "WorkerRun"] = {}
+_FINISHED: set[tuple[str, str]] = set()
+
+
+def sample_rows(X_chunks, y_chunks, n_rows: int, seed: int):
+    """A random sample of ``n_rows`` of this worker's rows (for the shared init)."""
+    X, y = _concat(X_chunks), _concat(y_chunks)
+    xp = array_namespace(X)
+    rng = np.random.default_rng(seed)
+    take = rng.choice(X.shape[0], size=min(n_rows, X.shape[0]), replace=False)
+    idx = host_to(xp, np.sort(take), X)
+    return xp.take(X, idx, axis=0), (None if y is None else xp.take(y, idx, axis=0))
+
+
+def initial_state(model, samples, seed: int):
+    """The one initial ``(params, aux)`` every worker starts from."""
+    xs = [s[0] for s in samples]
+    xp = array_namespace(*xs)
+    X = xp.concat(xs)
+    y = None if samples[0][1] is None else xp.concat([s[1] for s in samples])
+    return model.init_params(X, y, np.random.default_rng(seed))
+
+
+def train_segment(spec: RunSpec, worker_index: int, X_chunks, y_chunks, init, previous) -> dict:
+    """One link of a worker's training chain: train for ``spec.segment_seconds``.
+
+    ``previous`` (the last link's result) only orders the chain. Returns the
+    history rows since the last link and, once the run ends, the final state.
+    """
+    address = get_worker().address
+    slot = (spec.run_id, address)
+    if slot in _FINISHED:
+        return {"worker": address, "rows": [], "done": True, "stale": True}
+    run = _RUNS.get(slot)
+    if run is None:
+        run = _RUNS[slot] = WorkerRun(spec, worker_index, address, X_chunks, y_chunks, init)
+    run.spec = spec
+    try:
+        run.train(spec.segment_seconds)
+    except BaseException:
+        run.close()
+        raise
+    result: dict[str, Any] = {"worker": address, "rows": run.take_rows(), "done": run.done}
+    if run.done:
+        result.update(params=run.params, samples=run.samples, stop_reason=run.stop_reason)
+        run.close()
+    return result
+
+
+def _concat(chunks):
+    if chunks is None:
+        return None
+    xp = array_namespace(*chunks)
+    return chunks[0] if len(chunks) == 1 else xp.concat(list(chunks))
+
+
+class WorkerRun:
+    """One worker's share of a run: its rows, its state, its counters."""
+
+    spec: RunSpec
+    params: Any
+    samples: int
+    epoch: int
+    done: bool
+    stop_reason: str | None
+
+    def __init__(self, spec: RunSpec, worker_index: int, address: str, X_chunks, y_chunks, init):
+        self.spec = spec
+        self.address = address
+        self.X, self.y = _concat(X_chunks), _concat(y_chunks)
+        self.xp = array_namespace(self.X)
+        self.n_rows = self.X.shape[0]
+        params, aux = init
+        self.params = self.xp.asarray(params, copy=True)
+        self.aux = aux
+        self.rng = np.random.default_rng([spec.seed, worker_index])
+        self.peer_rng = np.random.default_rng([spec.seed, worker_index, 1])
+        self.filter = UpdateFilter(spec.update_filter)
+
+        eval_idx = host_to(self.xp, np.sort(self.rng.permutation(self.n_rows)[: spec.eval_size]), self.X)
+        self.X_eval = self.xp.take(self.X, eval_idx, axis=0)
+        self.y_eval = None if self.y is None else self.xp.take(self.y, eval_idx, axis=0)
+
+        self.samples = 0
+        self.epoch = 0
+        self.done = False
+        self.stop_reason = None
+        self.best_loss = math.inf
+        self.epochs_without_gain = 0
+        self.loss = self._eval_loss()
+        self._order = self.rng.permutation(self.n_rows)
+        self._pos = 0
+        self._epoch_ended = False
+        self._since_exchange = 0
+        self._rows: list[dict] = []
+        self._next_tick = 0
+
+        self.slices = spec.slices()
+        self._next_slice = 0
+        self.sent = 0
+        self.round = 0
+        self.silent_peers: set[str] = set()
+        self._sync_latest: dict[str, Any] = {}
+        self.channel = get_channel() if spec.communicates else None
+        self.mailbox = None
+        if self.channel is not None:
+            shapes = {k: (stop - start,) for k, (start, stop) in enumerate(self.slices)}
+            self.mailbox = self.channel.subscribe(spec.topic, PayloadSpec(str(self.params.dtype), shapes))
+        self._record(force=True)
+
+    # -- the loop ---------------------------------------------------------------------
+    def train(self, seconds: float) -> None:
+        deadline = time.perf_counter() + seconds
+        spec = self.spec
+        while not self.done and time.perf_counter() < deadline:
+            before = self._train_block()
+            if self.done:
+                break
+            if spec.mode == "sync" and spec.communicates:
+                self._sync_exchange()
+            elif spec.communicates:
+                self._async_exchange(before)
+            self._check_time()
+        self._record()
+
+    def _train_block(self):
+        """Mini-batches up to the next exchange point; returns the state before the last step."""
+        spec, xp, model = self.spec, self.xp, self.spec.model
+        before = self.params
+        n_steps = max(1, math.ceil((spec.comm_interval - self._since_exchange) / spec.batch_size))
+        for _ in range(n_steps):
+            idx = self._next_batch()
+            Xb = xp.take(self.X, idx, axis=0)
+            yb = None if self.y is None else xp.take(self.y, idx, axis=0)
+            before = self.params
+            self.params, self.aux = model.step(self.params, self.aux, Xb, yb, spec.learning_rate)
+            self.samples += spec.batch_size
+            self._since_exchange += spec.batch_size
+            if self._epoch_ended:
+                self._epoch_ended = False
+                self._end_of_epoch()
+            self._record()
+            if self.done or self._check_time():
+                break
+        return before
+
+    def _next_batch(self):
+        """Indices of the next batch: rows in a fresh random order every local
+        epoch, without replacement; sets ``_epoch_ended`` when the order wraps."""
+        size = self.spec.batch_size
+        parts = []
+        while size > 0:
+            part = self._order[self._pos:self._pos + size]
+            parts.append(part)
+            size -= part.shape[0]
+            self._pos += part.shape[0]
+            if self._pos == self.n_rows:
+                self._order = self.rng.permutation(self.n_rows)
+                self._pos = 0
+                self._epoch_ended = True
+        idx = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return host_to(self.xp, idx, self.X)
+
+    def _end_of_epoch(self) -> None:
+        self.epoch += 1
+        self.loss = self._eval_loss()
+        if not math.isfinite(self.loss):
+            self._stop("diverged")
+            return
+        if self.spec.mode != "sync":
+            if self.spec.tol is not None and self._no_gain(self.loss):
+                self._stop("tol")
+            elif self._epochs_done() >= self.spec.max_epochs:
+                self._stop("max_epochs")
+
+    def _epochs_done(self) -> float:
+        return self.samples / self.n_rows
+
+    def _no_gain(self, loss: float) -> bool:
+        """True after ``n_iter_no_change`` epochs without a relative gain above ``tol``."""
+        if loss < self.best_loss - self.spec.tol * abs(self.best_loss if math.isfinite(self.best_loss) else loss):
+            self.epochs_without_gain = 0
+        else:
+            self.epochs_without_gain += 1
+        self.best_loss = min(self.best_loss, loss)
+        return self.epochs_without_gain >= self.spec.n_iter_no_change
+
+    def _check_time(self) -> bool:
+        over = self.spec.max_time is not None and time.time() - self.spec.t0 >= self.spec.max_time
+        if over and self.spec.mode != "sync":
+            self._stop("max_time")
+        return over
+
+    def _stop(self, reason: str) -> None:
+        self.done = True
+        self.stop_reason = reason
+        self._record(force=True)
+
+    # -- exchange ---------------------------------------------------------------------
+    def _peers(self) -> list[str]:
+        return [p for p in self.spec.peers if p != self.address and p not in self.silent_peers]
+
+    def _async_exchange(self, before) -> None:
+        """Merge what peers sent (if the filter lets it in), then send one slice to a random peer."""
+        self._since_exchange = 0
+        for message in self.mailbox.take():
+            start, stop = self.slices[message.key]
+            if self.filter.accept(before[start:stop], self.params[start:stop], message.payload):
+                self.params[start:stop] = (self.params[start:stop] + message.payload) / 2
+        peers = self._peers()
+        if not peers:
+            return
+        key = self._next_slice
+        self._next_slice = (key + 1) % len(self.slices)
+        start, stop = self.slices[key]
+        peer = peers[int(self.peer_rng.integers(len(peers)))]
+        self.channel.publish(self.spec.topic, peer, self.params[start:stop], key=key)
+        self.sent += 1
+
+    def _sync_exchange(self) -> None:
+        """Barrier: send the whole state to every peer, wait for theirs, average."""
+        spec = self.spec
+        self._since_exchange = 0
+        self.round += 1
+        epoch_end = self.round % spec.sync_rounds_per_epoch == 0
+        meta = {"round": self.round, "stop": int(self._check_time())}
+        if epoch_end:
+            meta["loss"] = self._eval_loss()
+        for peer in self._peers():
+            self.channel.publish(spec.topic, peer, self.params, key=0, meta=meta)
+            self.sent += 1
+        arrived = self._await_round(self._peers())
+        states = [self.params] + [m.payload for m in arrived]
+        self.params = sum(states[1:], states[0]) / len(states)
+        self.filter.accepted += len(arrived)
+        metas = [meta] + [m.meta for m in arrived]
+        if any(m.get("stop") for m in metas):
+            self._stop("max_time")
+        elif self.round >= spec.sync_rounds:
+            self._stop("max_epochs")
+        elif epoch_end and spec.tol is not None:
+            losses = [m["loss"] for m in metas if "loss" in m]
+            if self._no_gain(math.fsum(sorted(losses)) / len(losses)):
+                self._stop("tol")
+
+    def _await_round(self, peers: list[str]) -> list:
+        # A peer may already be one round ahead and have overwritten its message
+        # for this round: its newest state stands in for both.
+        deadline = time.monotonic() + self.spec.sync_timeout
+        while True:
+            for message in self.mailbox.take():
+                self._sync_latest[message.sender] = message
+            missing = [p for p in peers if self._round_of(p) < self.round]
+            left = deadline - time.monotonic()
+            if not missing or left <= 0:
+                break
+            self.mailbox.wait_for(lambda unread: len(unread) > 0, min(left, 0.5))
+        self.silent_peers.update(missing)
+        return [self._sync_latest[p] for p in peers if p not in missing]
+
+    def _round_of(self, peer: str) -> int:
+        message = self._sync_latest.get(peer)
+        return -1 if message is None else int(message.meta.get("round", -1))
+
+    # -- history ----------------------------------------------------------------------
+    def _eval_loss(self) -> float:
+        return self.spec.model.loss(self.params, self.X_eval, self.y_eval)
+
+    def _record(self, force: bool = False) -> None:
+        elapsed = time.time() - self.spec.t0
+        tick = int(elapsed / self.spec.history_interval)
+        if tick < self._next_tick and not force:
+            return
+        self._next_tick = tick + 1
+        self.loss = self._eval_loss()
+        if not math.isfinite(self.loss) and not self.done:
+            self._stop("diverged")
+            return
+        row = {
+            "tick": tick,
+            "elapsed": elapsed,
+            "samples": self.samples,
+            "epoch": self._epochs_done(),
+            "loss": self.loss,
+            "comm_interval": self.spec.comm_interval,
+            "message_size": self.slices[0][1] - self.slices[0][0],
+            "messages_sent": self.sent,
+            "accepted": self.filter.accepted,
+            "rejected": self.filter.rejected,
+        }
+        row.update(self._channel_row())
+        self._rows.append(row)
+
+    def _channel_row(self) -> dict:
+        if self.channel is None:
+            return {}
+        links = [self.channel.link(p) for p in self.spec.peers]
+        links = [link for link in links if link is not None]
+        timings = [t for link in links for t in link.log]
+        total_seconds = sum(s for _, s in timings)
+        return {
+            "bytes_sent": sum(link.bytes_sent for link in links),
+            "send_failed": sum(link.failed + link.refused for link in links),
+            "in_flight": sum(link.in_flight for link in links),
+            "superseded": sum(link.superseded for link in links),
+            "overwritten": self.mailbox.overwritten,
+            "malformed": self.channel.dropped["malformed"],
+            "latency": statistics.median(s for _, s in timings) if timings else math.nan,
+            "bandwidth": sum(b for b, _ in timings) / total_seconds if total_seconds > 0 else math.nan,
+        }
+
+    def take_rows(self) -> list[dict]:
+        rows, self._rows = self._rows, []
+        return rows
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.unsubscribe(self.spec.topic)
+        slot = (self.spec.run_id, self.address)
+        _RUNS.pop(slot, None)
+        _FINISHED.add(slot)

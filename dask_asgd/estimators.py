@@ -1,0 +1,463 @@
+"""scikit-learn style estimators that train with the engine on a Dask cluster:
+``KMeans``, ``LinearRegression``, ``LogisticRegression``."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+from array_api_compat import array_namespace, device
+from distributed import Client, LocalCluster, get_client
+
+from . import config, engine
+from ._validation import (
+    as_2d_samples,
+    as_targets,
+    check_common_params,
+    check_finite,
+    check_positive,
+)
+from .models import KMeansModel, LinearModel, LogisticModel
+
+_COMMON_DOC = """
+    mode : {"asgd", "sync", "simuparallel", "sequential"}, default "asgd"
+        ``asgd``: every worker trains on its own rows without barriers and
+        exchanges state with random peers every ``comm_interval`` samples.
+        ``sync``: barrier and average every ``comm_interval`` samples.
+        ``simuparallel``: independent SGD per worker, one average at the end.
+        ``sequential``: one worker, all data; bit-reproducible with ``random_state``.
+    learning_rate : float
+        SGD step size (for K-Means: a factor on the per-centre step 1/n_seen).
+    batch_size : int, default 256
+        Samples per mini-batch.
+    max_epochs : int, default 10
+        Passes over the data (each worker over its own rows).
+    max_time : float or None
+        Wall-clock seconds after which training stops.
+    tol : float or None, default 1e-4
+        Stop once the loss improved by less than ``tol`` (relative) for
+        ``asgd.engine.n-iter-no-change`` epochs in a row.
+    comm_interval : int or "auto"
+        Samples between two sends of a worker. ``"auto"``: the
+        ``asgd.comm-interval-default`` setting.
+    message_size : int or "auto"
+        Parameters per message; a state larger than this is sent in slices,
+        round-robin. ``"auto"``: the ``asgd.message-size-default`` setting.
+    update_filter : {"parzen", None}, default "parzen"
+        ``parzen``: merge a received state only if the local step moves towards it.
+    client : distributed.Client or None
+        Cluster to train on; default: the current client, else an embedded
+        ``LocalCluster`` started and closed by ``fit``.
+    random_state : int or None
+        Seed for the initial state, batch order and peer choice.
+    sample_dim : str or None
+        For ``xarray.DataArray`` inputs: the dim that holds the samples
+        (default: the first); the other dims are stacked into features.
+"""
+
+
+class _ASGDEstimator:
+    """Parameters, fitting and prediction plumbing shared by all estimators."""
+
+    def get_params(self, deep: bool = True) -> dict:
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params):
+        valid = self._param_names()
+        for name, value in params.items():
+            if name not in valid:
+                raise ValueError(f"{name!r} is not a parameter of {type(self).__name__}; valid: {', '.join(valid)}")
+            setattr(self, name, value)
+        return self
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        signature = inspect.signature(cls.__init__)
+        return [p.name for p in signature.parameters.values() if p.name != "self"]
+
+    def __repr__(self) -> str:
+        defaults = {p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()}
+        changed = [f"{k}={v!r}" for k, v in self.get_params().items() if v is not defaults.get(k) and v != defaults.get(k)]
+        return f"{type(self).__name__}({', '.join(changed)})"
+
+    # -- fit ----------------------------------------------------------------------------
+    def _fit(self, X, y):
+        check_common_params(self)
+        self._check_params()
+        X = as_2d_samples(X, self.sample_dim)
+        y = self._prepare_targets(y, X)
+        self._check_data(X)
+        in_memory = not isinstance(X, da.Array)
+        if in_memory:
+            check_finite(X, "X")
+            if y is not None and self._numeric_targets:
+                check_finite(y, "y")
+        comm_interval = config.get("comm-interval-default") if self.comm_interval == "auto" else self.comm_interval
+        message_size = config.get("message-size-default") if self.message_size == "auto" else self.message_size
+        with _client_for(self.client) as client:
+            if not in_memory:
+                X, y = self._persist_checked(client, X, y)
+            model = self._make_model(X.shape[1])
+            result = engine.fit(
+                client, model, X, y,
+                mode=self.mode, learning_rate=float(self.learning_rate), batch_size=int(self.batch_size),
+                comm_interval=int(comm_interval), message_size=int(message_size),
+                update_filter=self.update_filter, max_epochs=int(self.max_epochs),
+                max_time=self.max_time, tol=self.tol, seed=_seed(self.random_state),
+            )
+        self.model_ = model
+        self.params_ = result.params
+        self.history_ = result.history
+        self.n_iter_ = result.n_iter
+        self.n_features_in_ = X.shape[1]
+        self._set_fitted_attributes()
+        return self
+
+    def _persist_checked(self, client, X, y):
+        X = X.rechunk({1: -1})
+        if y is None:
+            (X,) = client.persist([X])
+        else:
+            X, y = client.persist([X, y.rechunk((X.chunks[0],))])
+        check_finite(X, "X")
+        if y is not None and self._numeric_targets:
+            check_finite(y, "y")
+        return X, y
+
+    _numeric_targets = True
+
+    def _check_params(self) -> None:
+        """Estimator-specific parameter checks."""
+
+    def _check_data(self, X) -> None:
+        """Estimator-specific checks of the prepared X."""
+
+    def _prepare_targets(self, y, X):
+        return as_targets(y, X.shape[0], self.sample_dim, numeric=True)
+
+    # -- predict ------------------------------------------------------------------------
+    def _check_is_fitted(self) -> None:
+        if not hasattr(self, "params_"):
+            raise AttributeError(f"this {type(self).__name__} is not fitted yet; call fit(X) first")
+
+    def _apply(self, X, method: str, dtype):
+        """``model.<method>(params, X)`` on X's own array type; dask arrays block by block."""
+        self._check_is_fitted()
+        raw = as_2d_samples(X, self.sample_dim)
+        if raw.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {raw.shape[1]} features but {type(self).__name__} was fitted with {self.n_features_in_}")
+        fn = getattr(self.model_, method)
+        if isinstance(raw, da.Array):
+            params = np.asarray(self.params_)
+            out = raw.map_blocks(lambda block: fn(params, block), dtype=dtype, drop_axis=1)
+        else:
+            xp = array_namespace(raw)
+            out = fn(xp.asarray(self.params_, device=device(raw)), raw)
+        return out
+
+    def _wrap(self, values, X, name: str):
+        # Results keep the container of the input: a DataArray in, a DataArray out.
+        if isinstance(X, xr.DataArray):
+            dim = self.sample_dim or X.dims[0]
+            return xr.DataArray(values, dims=(dim,), coords={dim: X[dim]} if dim in X.coords else None, name=name)
+        return values
+
+
+class KMeans(_ASGDEstimator):
+    __doc__ = """K-Means clustering by asynchronous parallel SGD on a Dask cluster.
+
+    Parameters
+    ----------
+    n_clusters : int, default 8
+        Number of centres.
+    """ + _COMMON_DOC + """
+    Attributes
+    ----------
+    cluster_centers_ : array (n_clusters, n_features)
+    n_iter_ : int
+        Epochs over all the data, counted in samples processed.
+    history_ : xarray.Dataset
+        Per worker over time: loss, samples, communication counters.
+
+    Examples
+    --------
+    >>> est = KMeans(n_clusters=10, random_state=0).fit(X)      # doctest: +SKIP
+    >>> est.predict(X), est.score(X), est.history_.loss          # doctest: +SKIP
+    """
+
+    def __init__(
+        self, n_clusters=8, *, mode="asgd", learning_rate=1.0, batch_size=256, max_epochs=10,
+        max_time=None, tol=1e-4, comm_interval="auto", message_size="auto", update_filter="parzen",
+        client=None, random_state=None, sample_dim=None,
+    ):
+        self.n_clusters = n_clusters
+        self.mode = mode
+        self.learning_rate = learning_rate
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.max_time = max_time
+        self.tol = tol
+        self.comm_interval = comm_interval
+        self.message_size = message_size
+        self.update_filter = update_filter
+        self.client = client
+        self.random_state = random_state
+        self.sample_dim = sample_dim
+
+    def fit(self, X, y=None):
+        return self._fit(X, None)
+
+    def _check_params(self):
+        check_positive("n_clusters", self.n_clusters, integer=True)
+
+    def _check_data(self, X):
+        if self.n_clusters > X.shape[0]:
+            raise ValueError(
+                f"n_clusters={self.n_clusters} is more than the {X.shape[0]} samples in X; "
+                "ask for fewer clusters or pass more data"
+            )
+
+    def _prepare_targets(self, y, X):
+        return None
+
+    def _make_model(self, n_features):
+        return KMeansModel(
+            self.n_clusters, n_features,
+            n_init=int(config.get("init.n-init")), lloyd_iterations=int(config.get("init.lloyd-iterations")),
+        )
+
+    def _set_fitted_attributes(self):
+        self.cluster_centers_ = self.model_.centers(self.params_)
+
+    def predict(self, X):
+        """Index of the nearest centre for every sample."""
+        return self._wrap(self._apply(X, "predict", np.int64), X, "cluster")
+
+    def transform(self, X):
+        """Distances from every sample to every centre."""
+        self._check_is_fitted()
+        raw = as_2d_samples(X, self.sample_dim)
+        centers = self.cluster_centers_
+        if isinstance(raw, da.Array):
+            C = np.asarray(centers)
+            return raw.map_blocks(lambda b: np.sqrt(((b[:, None, :] - C[None]) ** 2).sum(-1)), chunks=(raw.chunks[0], (C.shape[0],)))
+        xp = array_namespace(raw)
+        C = xp.asarray(centers, device=device(raw))
+        return xp.sqrt(xp.sum((raw[:, None, :] - C[None, :, :]) ** 2, axis=2))
+
+    def score(self, X, y=None):
+        """Minus the inertia (sum of squared distances to the nearest centre), as scikit-learn."""
+        raw = as_2d_samples(X, self.sample_dim)
+        d = self.transform(raw)
+        if isinstance(d, da.Array):
+            return -float((d.min(axis=1) ** 2).sum().compute())
+        xp = array_namespace(d)
+        return -float(xp.sum(xp.min(d, axis=1) ** 2))
+
+
+class LinearRegression(_ASGDEstimator):
+    __doc__ = """Least-squares linear regression (optional L2) by asynchronous parallel SGD.
+
+    Parameters
+    ----------
+    alpha : float, default 0.0
+        L2 penalty ``alpha/2 ||coef||^2``.
+    fit_intercept : bool, default True
+    """ + _COMMON_DOC + """
+    Attributes
+    ----------
+    coef_ : array (n_features,)
+    intercept_ : float
+    n_iter_ : int
+    history_ : xarray.Dataset
+    """
+
+    def __init__(
+        self, *, alpha=0.0, fit_intercept=True, mode="asgd", learning_rate=0.01, batch_size=256,
+        max_epochs=10, max_time=None, tol=1e-4, comm_interval="auto", message_size="auto",
+        update_filter="parzen", client=None, random_state=None, sample_dim=None,
+    ):
+        self.alpha = alpha
+        self.fit_intercept = fit_intercept
+        self.mode = mode
+        self.learning_rate = learning_rate
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.max_time = max_time
+        self.tol = tol
+        self.comm_interval = comm_interval
+        self.message_size = message_size
+        self.update_filter = update_filter
+        self.client = client
+        self.random_state = random_state
+        self.sample_dim = sample_dim
+
+    def fit(self, X, y):
+        return self._fit(X, y)
+
+    def _check_params(self):
+        _check_alpha(self.alpha)
+
+    def _make_model(self, n_features):
+        return LinearModel(n_features, alpha=float(self.alpha), fit_intercept=bool(self.fit_intercept))
+
+    def _set_fitted_attributes(self):
+        W, b = self.model_.unpack(self.params_)
+        self.coef_ = W[:, 0]
+        self.intercept_ = float(b[0])
+
+    def predict(self, X):
+        return self._wrap(self._apply(X, "predict", np.float64), X, "prediction")
+
+    def score(self, X, y):
+        """Coefficient of determination R^2 of the prediction."""
+        raw = as_2d_samples(X, self.sample_dim)
+        y = as_targets(y, raw.shape[0], self.sample_dim, numeric=True)
+        pred = self._apply(raw, "predict", np.float64)
+        ss_res = ((y - pred) ** 2).sum()
+        ss_tot = ((y - y.mean()) ** 2).sum()
+        ss_res, ss_tot = (da.compute(ss_res, ss_tot) if isinstance(ss_res, da.Array) else (ss_res, ss_tot))
+        return 1.0 - float(ss_res) / float(ss_tot)
+
+
+class LogisticRegression(_ASGDEstimator):
+    __doc__ = """Logistic regression (binary or multinomial, L2) by asynchronous parallel SGD.
+
+    Parameters
+    ----------
+    alpha : float, default 1e-4
+        L2 penalty ``alpha/2 ||coef||^2`` on the mean cross-entropy.
+    fit_intercept : bool, default True
+    """ + _COMMON_DOC + """
+    Attributes
+    ----------
+    classes_ : array (n_classes,)
+    coef_ : array (1, n_features) for two classes, (n_classes, n_features) otherwise
+    intercept_ : array (1,) or (n_classes,)
+    n_iter_ : int
+    history_ : xarray.Dataset
+    """
+
+    _numeric_targets = False
+
+    def __init__(
+        self, *, alpha=1e-4, fit_intercept=True, mode="asgd", learning_rate=0.1, batch_size=256,
+        max_epochs=10, max_time=None, tol=1e-4, comm_interval="auto", message_size="auto",
+        update_filter="parzen", client=None, random_state=None, sample_dim=None,
+    ):
+        self.alpha = alpha
+        self.fit_intercept = fit_intercept
+        self.mode = mode
+        self.learning_rate = learning_rate
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.max_time = max_time
+        self.tol = tol
+        self.comm_interval = comm_interval
+        self.message_size = message_size
+        self.update_filter = update_filter
+        self.client = client
+        self.random_state = random_state
+        self.sample_dim = sample_dim
+
+    def fit(self, X, y):
+        return self._fit(X, y)
+
+    def _check_params(self):
+        _check_alpha(self.alpha)
+
+    def _prepare_targets(self, y, X):
+        y = as_targets(y, X.shape[0], self.sample_dim, numeric=False)
+        if isinstance(y, da.Array):
+            classes = np.unique(da.unique(y).compute())
+            if classes.dtype.kind == "f" and not np.isfinite(classes).all():
+                raise ValueError("y contains NaN or inf; drop those rows before fit")
+            self.classes_ = classes
+            return y.map_blocks(lambda b: np.searchsorted(classes, b).astype(np.int64), dtype=np.int64)
+        xp = array_namespace(y)
+        classes, indices = np.unique(np.asarray(y), return_inverse=True) if isinstance(y, np.ndarray) else xp.unique_inverse(y)
+        if np.asarray(classes).dtype.kind == "f" and not np.isfinite(np.asarray(classes)).all():
+            raise ValueError("y contains NaN or inf; drop those rows before fit")
+        self.classes_ = classes
+        return xp.astype(xp.asarray(indices, device=device(y)), xp.int64)
+
+    def _check_data(self, X):
+        if len(self.classes_) < 2:
+            raise ValueError(f"y holds a single class ({self.classes_[0]!r}); classification needs at least two")
+
+    def _make_model(self, n_features):
+        return LogisticModel(n_features, len(self.classes_), alpha=float(self.alpha), fit_intercept=bool(self.fit_intercept))
+
+    def _set_fitted_attributes(self):
+        W, b = self.model_.unpack(self.params_)
+        self.coef_ = W.T
+        self.intercept_ = b
+
+    def predict(self, X):
+        index = self._apply(X, "predict", np.int64)
+        classes = self.classes_
+        labels = index.map_blocks(lambda b: np.asarray(classes)[b], dtype=classes.dtype) if isinstance(index, da.Array) else _take_classes(classes, index)
+        return self._wrap(labels, X, "label")
+
+    def predict_proba(self, X):
+        self._check_is_fitted()
+        raw = as_2d_samples(X, self.sample_dim)
+        if isinstance(raw, da.Array):
+            params, model = np.asarray(self.params_), self.model_
+            return raw.map_blocks(lambda b: model.predict_proba(params, b), chunks=(raw.chunks[0], (len(self.classes_),)), dtype=np.float64)
+        xp = array_namespace(raw)
+        return self.model_.predict_proba(xp.asarray(self.params_, device=device(raw)), raw)
+
+    def score(self, X, y):
+        """Mean accuracy."""
+        raw = as_2d_samples(X, self.sample_dim)
+        y = as_targets(y, raw.shape[0], self.sample_dim, numeric=False)
+        hits = self.predict(raw) == y
+        return float(hits.mean().compute() if isinstance(hits, da.Array) else hits.mean())
+
+
+def _take_classes(classes, index):
+    if isinstance(index, np.ndarray):
+        return np.asarray(classes)[index]
+    xp = array_namespace(index)
+    return xp.take(xp.asarray(classes, device=device(index)), index, axis=0)
+
+
+def _check_alpha(alpha):
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) or not alpha >= 0:
+        raise ValueError(f"alpha={alpha!r} is not valid; use a number >= 0")
+
+
+def _seed(random_state) -> int:
+    if random_state is None:
+        return int(np.random.SeedSequence().generate_state(1)[0])
+    if isinstance(random_state, np.random.Generator):
+        return int(random_state.integers(2**31))
+    if isinstance(random_state, np.random.RandomState):
+        return int(random_state.randint(2**31))
+    return int(random_state)
+
+
+@contextlib.contextmanager
+def _client_for(client: Client | None):
+    """The given client, else the current one, else an embedded LocalCluster for this fit."""
+    if client is None:
+        try:
+            client = get_client()
+        except ValueError:
+            client = None
+    if client is not None:
+        yield client
+        return
+    n_workers = config.get("local-cluster.n-workers") or min(os.cpu_count() or 1, 4)
+    with LocalCluster(
+        n_workers=int(n_workers),
+        threads_per_worker=int(config.get("local-cluster.threads-per-worker")),
+        processes=True,
+        dashboard_address="127.0.0.1:0",
+    ) as cluster, Client(cluster) as embedded:
+        yield embedded

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 
 import dask.array as da
@@ -12,6 +11,7 @@ import numpy as np
 import xarray as xr
 from array_api_compat import array_namespace, device
 from distributed import Client, LocalCluster, get_client
+from sklearn.base import BaseEstimator, ClassifierMixin, ClusterMixin, RegressorMixin
 
 from . import config, engine
 from ._validation import (
@@ -37,7 +37,8 @@ _COMMON_DOC = """
     max_epochs : int, default 10
         Passes over the data (each worker over its own rows).
     max_time : float or None
-        Wall-clock seconds after which training stops.
+        Wall-clock seconds of training (counted once the data is placed and
+        the initial state computed) after which training stops.
     tol : float or None, default 1e-4
         Stop once the loss improved by less than ``tol`` (relative) for
         ``asgd.engine.n-iter-no-change`` epochs in a row.
@@ -60,29 +61,13 @@ _COMMON_DOC = """
 """
 
 
-class _ASGDEstimator:
-    """Parameters, fitting and prediction plumbing shared by all estimators."""
+class _ASGDEstimator(BaseEstimator):
+    """Fitting and prediction plumbing shared by all estimators; parameters,
+    ``get_params``/``set_params`` and tags come from scikit-learn."""
 
-    def get_params(self, deep: bool = True) -> dict:
-        return {name: getattr(self, name) for name in self._param_names()}
-
-    def set_params(self, **params):
-        valid = self._param_names()
-        for name, value in params.items():
-            if name not in valid:
-                raise ValueError(f"{name!r} is not a parameter of {type(self).__name__}; valid: {', '.join(valid)}")
-            setattr(self, name, value)
-        return self
-
-    @classmethod
-    def _param_names(cls) -> list[str]:
-        signature = inspect.signature(cls.__init__)
-        return [p.name for p in signature.parameters.values() if p.name != "self"]
-
-    def __repr__(self) -> str:
-        defaults = {p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()}
-        changed = [f"{k}={v!r}" for k, v in self.get_params().items() if v is not defaults.get(k) and v != defaults.get(k)]
-        return f"{type(self).__name__}({', '.join(changed)})"
+    def __sklearn_clone__(self):
+        # The client is shared, not deep-copied: a Client cannot be copied.
+        return type(self)(**self.get_params(deep=False))
 
     # -- fit ----------------------------------------------------------------------------
     def _fit(self, X, y):
@@ -167,7 +152,7 @@ class _ASGDEstimator:
         return values
 
 
-class KMeans(_ASGDEstimator):
+class KMeans(ClusterMixin, _ASGDEstimator):
     __doc__ = """K-Means clustering by asynchronous parallel SGD on a Dask cluster.
 
     Parameters
@@ -259,7 +244,7 @@ class KMeans(_ASGDEstimator):
         return -float(xp.sum(xp.min(d, axis=1) ** 2))
 
 
-class LinearRegression(_ASGDEstimator):
+class LinearRegression(RegressorMixin, _ASGDEstimator):
     __doc__ = """Least-squares linear regression (optional L2) by asynchronous parallel SGD.
 
     Parameters
@@ -324,7 +309,7 @@ class LinearRegression(_ASGDEstimator):
         return 1.0 - float(ss_res) / float(ss_tot)
 
 
-class LogisticRegression(_ASGDEstimator):
+class LogisticRegression(ClassifierMixin, _ASGDEstimator):
     __doc__ = """Logistic regression (binary or multinomial, L2) by asynchronous parallel SGD.
 
     Parameters
@@ -387,7 +372,7 @@ class LogisticRegression(_ASGDEstimator):
 
     def _check_data(self, X):
         if len(self.classes_) < 2:
-            raise ValueError(f"y holds a single class ({self.classes_[0]!r}); classification needs at least two")
+            raise ValueError(f"y holds a single class ({self.classes_[0].item()!r}); classification needs at least two")
 
     def _make_model(self, n_features):
         return LogisticModel(n_features, len(self.classes_), alpha=float(self.alpha), fit_intercept=bool(self.fit_intercept))

@@ -21,6 +21,7 @@ DESCRIPTIONS = {
     "loss": "model loss on a fixed sample of the worker's own rows",
     "samples": "samples processed by the worker so far",
     "messages_sent": "state messages the worker published",
+    "messages_delivered": "published messages that reached a peer's mailbox",
     "accepted": "received states the update filter merged",
     "rejected": "received states the update filter refused",
     "send_failed": "sends that failed or that the peer refused",

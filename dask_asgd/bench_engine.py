@@ -1,0 +1,128 @@
+"""Parallel efficiency of the engine: asgd samples/s with N workers divided by
+N x the same model's single-process loop in plain NumPy at the same batch size."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from distributed import Client, LocalCluster
+from threadpoolctl import threadpool_limits
+
+from .estimators import KMeans, LogisticRegression
+from .models import KMeansModel, LogisticModel
+
+
+@dataclass
+class Problem:
+    name: str
+    n_samples: int
+    n_features: int
+    n_classes: int  # clusters for K-Means, classes for logistic regression
+
+
+PROBLEMS = {
+    "kmeans": Problem("kmeans", 200_000, 16, 20),
+    "logistic": Problem("logistic", 200_000, 32, 2),
+}
+
+
+def make_data(problem: Problem, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    if problem.name == "kmeans":
+        centers = rng.normal(scale=10.0, size=(problem.n_classes, problem.n_features))
+        labels = rng.integers(problem.n_classes, size=problem.n_samples)
+        return centers[labels] + rng.normal(size=(problem.n_samples, problem.n_features)), None
+    X = rng.normal(size=(problem.n_samples, problem.n_features))
+    w = rng.normal(size=problem.n_features)
+    y = (X @ w + rng.normal(size=problem.n_samples) > 0).astype(np.int64)
+    return X, y
+
+
+def single_process_rate(problem: Problem, X, y, batch_size: int, seconds: float) -> float:
+    """Samples/s of the model's own step in a bare loop: one process, one thread."""
+    if problem.name == "kmeans":
+        model = KMeansModel(problem.n_classes, problem.n_features)
+        params, aux = model.init_params(X[:20_000], None, np.random.default_rng(0))
+    else:
+        model = LogisticModel(problem.n_features, problem.n_classes)
+        params, aux = model.init_params(X, y, np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    order, pos, steps = rng.permutation(X.shape[0]), 0, 0
+    with threadpool_limits(1):
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            idx = order[pos:pos + batch_size]
+            pos += batch_size
+            if pos + batch_size > X.shape[0]:
+                order, pos = rng.permutation(X.shape[0]), 0
+            params, aux = model.step(params, aux, X[idx], None if y is None else y[idx], 0.1 if y is not None else 1.0)
+            steps += 1
+        elapsed = time.perf_counter() - start
+    return steps * batch_size / elapsed
+
+
+def asgd_rate(problem: Problem, X, y, client: Client, batch_size: int, seconds: float, mode: str = "asgd") -> float:
+    """Steady-state samples/s of all workers together, read from ``history_``."""
+    common = dict(mode=mode, batch_size=batch_size, max_epochs=10_000, max_time=seconds, tol=None, client=client, random_state=0)
+    if problem.name == "kmeans":
+        est = KMeans(problem.n_classes, **common).fit(X)
+    else:
+        est = LogisticRegression(**common).fit(X, y)
+    h = est.history_
+    rate = 0.0
+    for worker in h.worker.values:
+        w = h.sel(worker=worker).dropna("time", subset=["samples"])
+        # From the first row with samples to the last: start-up and placement excluded.
+        busy = w.where(w.samples > 0, drop=True)
+        rate += float(busy.samples[-1] - busy.samples[0]) / float(busy.elapsed[-1] - busy.elapsed[0])
+    return rate
+
+
+def run(n_workers: int = 2, repeats: int = 3, seconds: float = 6.0, batch_size: int = 256, problems=("kmeans", "logistic")) -> list[dict]:
+    results = []
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+        for name in problems:
+            problem = PROBLEMS[name]
+            X, y = make_data(problem)
+            ratios, ours, single = [], [], []
+            for _ in range(repeats):
+                # Side by side in one run: the baseline right before ours, every repeat.
+                base = single_process_rate(problem, X, y, batch_size, seconds / 2)
+                rate = asgd_rate(problem, X, y, client, batch_size, seconds)
+                single.append(base)
+                ours.append(rate)
+                ratios.append(rate / (n_workers * base))
+            results.append({
+                **asdict(problem), "n_workers": n_workers, "batch_size": batch_size, "repeats": repeats,
+                "single_process_samples_per_s": statistics.median(single),
+                "asgd_samples_per_s": statistics.median(ours),
+                "efficiency_median": statistics.median(ratios),
+                "efficiency_all": ratios,
+            })
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    lines = [
+        "| problem | workers | batch | 1-process samples/s | asgd samples/s | efficiency (median of %d) |" % results[0]["repeats"],
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['name']} {r['n_samples']}x{r['n_features']} | {r['n_workers']} | {r['batch_size']} | "
+            f"{r['single_process_samples_per_s']:,.0f} | {r['asgd_samples_per_s']:,.0f} | {r['efficiency_median']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    results = run(n_workers=args.workers, repeats=args.repeats, seconds=args.seconds, batch_size=args.batch_size)
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0

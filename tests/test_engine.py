@@ -1,0 +1,84 @@
+"""Engine behaviour on a real cluster: no barrier in asgd mode, the filter at work."""
+
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from sklearn.datasets import make_classification
+
+from dask_asgd import KMeans, LogisticRegression
+
+
+@contextmanager
+def one_slow_worker(client):
+    """Pin worker 0 (and this process: client and scheduler) to core 0, and
+    worker 1 with two busy-looping processes to core 1: worker 1 really runs at
+    about a third of worker 0's speed."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.fail("this test needs two CPU cores to make one worker slower than the other")
+    pids = client.run(os.getpid)
+    fast, slow = sorted(pids)
+    all_cores = os.sched_getaffinity(0)
+    cores = sorted(all_cores)[:2]
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        os.sched_setaffinity(0, {cores[0]})
+        os.sched_setaffinity(pids[fast], {cores[0]})
+        os.sched_setaffinity(pids[slow], {cores[1]})
+        for hog in hogs:
+            os.sched_setaffinity(hog.pid, {cores[1]})
+        yield fast, slow
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+        for pid in [0, *pids.values()]:
+            os.sched_setaffinity(pid, all_cores)
+
+
+def test_asgd_has_no_barrier_sync_has_one(client):
+    X = np.random.default_rng(0).normal(size=(40_000, 8))
+    common = dict(random_state=0, max_epochs=100_000, max_time=6.0, tol=None, comm_interval=4096, client=client)
+    with one_slow_worker(client) as (fast, slow):
+        asgd = KMeans(4, mode="asgd", **common).fit(X).history_
+        sync = KMeans(4, mode="sync", **common).fit(X).history_
+
+    a_fast, a_slow = (asgd.samples.sel(worker=w).dropna("time") for w in (fast, slow))
+    # The fast worker keeps going at its own pace: its count rises through the
+    # whole run and ends well ahead of the slow one.
+    assert (np.diff(a_fast.values[len(a_fast) // 2:]) > 0).all()
+    assert float(a_fast[-1]) > 1.8 * float(a_slow[-1]), (float(a_fast[-1]), float(a_slow[-1]))
+    # Under sync both wait for each other at every barrier: equal counts.
+    s_fast, s_slow = (float(sync.samples.sel(worker=w).dropna("time")[-1]) for w in (fast, slow))
+    assert abs(s_fast - s_slow) <= 4096, (s_fast, s_slow)
+
+
+def test_parzen_filter_accepts_and_rejects_on_a_cluster(client):
+    X, y = make_classification(40_000, 20, n_informative=10, random_state=0)
+    est = LogisticRegression(random_state=0, comm_interval=1024, max_epochs=5, tol=None, client=client).fit(X, y)
+    last = est.history_.isel(time=-1)
+    assert int(last.accepted.sum()) > 0 and int(last.rejected.sum()) > 0
+    # Every received state was judged exactly once by the filter.
+    assert int((last.accepted + last.rejected).sum()) <= int(last.messages_delivered.sum())
+
+
+def test_no_filter_accepts_everything(client):
+    X, y = make_classification(40_000, 20, n_informative=10, random_state=0)
+    est = LogisticRegression(random_state=0, comm_interval=1024, max_epochs=5, tol=None, update_filter=None, client=client).fit(X, y)
+    last = est.history_.isel(time=-1)
+    assert int(last.accepted.sum()) > 0 and int(last.rejected.sum()) == 0
+
+
+def test_message_slices_cover_the_state(client):
+    # 10 centres x 8 features = 80 parameters in slices of 32: keys 0, 1, 2 (32, 32, 16).
+    X = np.random.default_rng(1).normal(size=(20_000, 8))
+    est = KMeans(10, random_state=0, message_size=32, comm_interval=512, max_epochs=5, tol=None, client=client).fit(X)
+    last = est.history_.isel(time=-1)
+    assert (last.message_size == 32).all()
+    delivered = last.messages_delivered.values
+    # Round-robin over 32, 32 and 16 parameters: between 16 and 32 x 8 bytes a message.
+    assert (last.bytes_sent.values >= delivered * 16 * 8).all() and (last.bytes_sent.values <= delivered * 32 * 8).all()
+    assert int((last.accepted + last.rejected).sum()) > 0

@@ -1,0 +1,55 @@
+"""The Parzen-window test, exactly."""
+
+import array_api_strict
+import numpy as np
+import pytest
+
+from dask_asgd.filter import UpdateFilter, moves_towards
+
+
+def test_state_the_step_moves_towards_is_accepted():
+    before = np.array([0.0, 0.0])
+    after = np.array([1.0, 0.0])  # the local step went +x
+    assert moves_towards(before, after, np.array([3.0, 0.0]))
+
+
+def test_state_the_step_moves_away_from_is_rejected():
+    before = np.array([0.0, 0.0])
+    after = np.array([1.0, 0.0])
+    assert not moves_towards(before, after, np.array([-3.0, 0.0]))
+
+
+def test_boundary_is_rejected():
+    # Equal distances: the step does not move towards it, so it is not merged.
+    before, after = np.array([0.0, 0.0]), np.array([1.0, 0.0])
+    assert not moves_towards(before, after, np.array([0.5, 7.0]))
+
+
+def test_closed_form_on_random_states():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        before, after, received = rng.normal(size=(3, 10))
+        expected = np.sum((after - received) ** 2) < np.sum((before - received) ** 2)
+        assert moves_towards(before, after, received) == expected
+
+
+def test_filter_counts_and_none_accepts_all():
+    before, after = np.zeros(2), np.array([1.0, 0.0])
+    toward, away = np.array([2.0, 0.0]), np.array([-2.0, 0.0])
+    parzen = UpdateFilter("parzen")
+    assert parzen.accept(before, after, toward) and not parzen.accept(before, after, away)
+    assert (parzen.accepted, parzen.rejected) == (1, 1)
+    everything = UpdateFilter(None)
+    assert everything.accept(before, after, away) and everything.accept(before, after, toward)
+    assert (everything.accepted, everything.rejected) == (2, 0)
+
+
+def test_unknown_filter_is_refused():
+    with pytest.raises(ValueError, match="update_filter='median' is not known"):
+        UpdateFilter("median")
+
+
+def test_filter_in_array_api_strict():
+    xp = array_api_strict
+    assert moves_towards(xp.asarray([0.0]), xp.asarray([1.0]), xp.asarray([2.0]))
+    assert not moves_towards(xp.asarray([0.0]), xp.asarray([1.0]), xp.asarray([-2.0]))

@@ -84,7 +84,7 @@ def asgd_rate(problem: Problem, X, y, client: Client, batch_size: int, seconds: 
 
 def run(n_workers: int = 2, repeats: int = 3, seconds: float = 6.0, batch_size: int = 256, problems=("kmeans", "logistic")) -> list[dict]:
     results = []
-    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, Client(cluster) as client:
         for name in problems:
             problem = PROBLEMS[name]
             X, y = make_data(problem)

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 
+MAX_TOPICS = 64
+
+
 @dataclass
 class Outgoing:
     topic: str
@@ -22,6 +25,20 @@ class Outgoing:
         return int(getattr(self.payload, "nbytes", 0))
 
 
+@dataclass
+class SendCounts:
+    """What became of the messages sent on one topic (or in all)."""
+
+    sent: int = 0
+    failed: int = 0
+    refused: int = 0
+    bytes_sent: int = 0
+    superseded: int = 0
+
+    def add(self, field_name: str, amount: int = 1) -> None:
+        setattr(self, field_name, getattr(self, field_name) + amount)
+
+
 class PeerLink:
     """At most ``limit`` sends to one peer on the wire; newer messages wait, newest wins.
 
@@ -30,6 +47,11 @@ class PeerLink:
         link = PeerLink("tcp://10.0.0.2:4000", send, limit=2, timeout=30, log_length=256)
         link.submit(Outgoing("updates", 0, array))   # on the event loop
         link.in_flight, link.sent, link.superseded, link.log[-1]   # (bytes, seconds)
+        link.topics["updates"].sent                                 # the same, per topic
+
+    Counts are kept in total and per topic, so that each run sharing a
+    worker's links reads its own; the timing log is the link's alone (it
+    measures the network, whoever sends).
     """
 
     address: str
@@ -55,6 +77,7 @@ class PeerLink:
         self.limit = limit
         self.in_flight = 0
         self.sent = self.failed = self.refused = self.bytes_sent = self.superseded = 0
+        self.topics: dict[str, SendCounts] = {}
         self.log = deque(maxlen=log_length)
         self.last_error = None
         self._send = send
@@ -69,8 +92,24 @@ class PeerLink:
             return
         slot = (message.topic, message.key)
         if self._waiting.pop(slot, None) is not None:
-            self.superseded += 1
+            self._count(message.topic, "superseded")
         self._waiting[slot] = message
+
+    def _count(self, topic: str, field_name: str, amount: int = 1) -> None:
+        setattr(self, field_name, getattr(self, field_name) + amount)
+        counts = self.topics.get(topic)
+        if counts is None:
+            # Sends that finish after their topic was forgotten would bring it
+            # back: keep only the newest MAX_TOPICS topics' counts.
+            while len(self.topics) >= MAX_TOPICS:
+                del self.topics[next(iter(self.topics))]
+            counts = self.topics[topic] = SendCounts()
+        counts.add(field_name, amount)
+
+    def forget(self, topic: str) -> None:
+        """Drop the per-topic counts of a finished topic. Its waiting messages
+        still go out: a peer may be waiting for the last one (a sync barrier)."""
+        self.topics.pop(topic, None)
 
     @property
     def waiting(self) -> int:
@@ -87,16 +126,16 @@ class PeerLink:
         try:
             reply = await asyncio.wait_for(self._send(self.address, message), self._timeout)
         except Exception as exc:  # a peer that left or broke must not harm the sender
-            self.failed += 1
+            self._count(message.topic, "failed")
             self.last_error = f"{type(exc).__name__}: {exc}"
         else:
             elapsed = time.perf_counter() - start
             if isinstance(reply, dict) and reply.get("status") == "ok":
-                self.sent += 1
-                self.bytes_sent += message.nbytes
+                self._count(message.topic, "sent")
+                self._count(message.topic, "bytes_sent", message.nbytes)
                 self.log.append((message.nbytes, elapsed))
             else:
-                self.refused += 1
+                self._count(message.topic, "refused")
                 self.last_error = str(reply)
         finally:
             self.in_flight -= 1

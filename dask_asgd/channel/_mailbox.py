@@ -33,11 +33,13 @@ class Mailbox:
     spec: PayloadSpec
     received: int
     overwritten: int
+    malformed: int  # messages for this topic that validation dropped
 
     def __init__(self, spec: PayloadSpec):
         self.spec = spec
         self.received = 0
         self.overwritten = 0
+        self.malformed = 0
         self._slots: dict[tuple[str, int], Message] = {}
         self._changed = threading.Condition()
 

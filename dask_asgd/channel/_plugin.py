@@ -7,6 +7,7 @@ never through the scheduler. The channel knows arrays and topics, not SGD."""
 from __future__ import annotations
 
 import logging
+import operator
 from collections import Counter
 
 from array_api_compat import array_namespace
@@ -14,7 +15,7 @@ from distributed import WorkerPlugin, get_worker
 from distributed.protocol import to_serialize
 
 from .. import config
-from ._links import Outgoing, PeerLink
+from ._links import Outgoing, PeerLink, SendCounts
 from ._mailbox import Mailbox, Message
 from ._spec import PayloadSpec
 
@@ -50,6 +51,10 @@ class Channel(WorkerPlugin):
         self.links = {}
         self.dropped = Counter()
         self._limit = int(config.get("channel.max-in-flight-per-peer"))
+        if self._limit < 1:
+            raise ValueError(
+                f"asgd.channel.max-in-flight-per-peer={self._limit} would never send anything; set it to 1 or more"
+            )
         self._timeout = float(config.get("channel.send-timeout"))
         self._log_length = int(config.get("channel.log-length"))
         worker.handlers[HANDLER] = self._on_deliver
@@ -65,7 +70,23 @@ class Channel(WorkerPlugin):
         return box
 
     def unsubscribe(self, topic: str) -> None:
+        """Close ``topic``'s mailbox and forget its send counts."""
         self.mailboxes.pop(topic, None)
+        self.worker.loop.add_callback(self._forget, topic)
+
+    def _forget(self, topic: str) -> None:
+        for link in self.links.values():
+            link.forget(topic)
+
+    def counts(self, topic: str) -> SendCounts:
+        """What became of this worker's sends on ``topic``, over all peers."""
+        total = SendCounts()
+        for link in list(self.links.values()):
+            counts = link.topics.get(topic)
+            if counts is not None:
+                for name in ("sent", "failed", "refused", "bytes_sent", "superseded"):
+                    total.add(name, getattr(counts, name))
+        return total
 
     def publish(self, topic: str, peer: str, payload, key: int = 0, meta: dict | None = None) -> None:
         """Queue ``payload`` for ``peer``'s mailbox of ``topic``; returns at once.
@@ -73,9 +94,15 @@ class Channel(WorkerPlugin):
         Safe to call from any thread. The array is copied first, so the caller
         may keep changing its own.
         """
+        if isinstance(key, bool):
+            raise TypeError(f"key must be an integer, not {key!r}")
         xp = array_namespace(payload)
-        message = Outgoing(topic, key, xp.asarray(payload, copy=True), dict(meta or {}))
-        self.worker.loop.add_callback(self._link(peer).submit, message)
+        message = Outgoing(topic, operator.index(key), xp.asarray(payload, copy=True), dict(meta or {}))
+        # Links are made and used on the event loop only: no lock needed.
+        self.worker.loop.add_callback(self._submit, peer, message)
+
+    def _submit(self, peer: str, message: Outgoing) -> None:
+        self._link(peer).submit(message)
 
     def link(self, peer: str) -> PeerLink | None:
         return self.links.get(peer)
@@ -111,6 +138,7 @@ class Channel(WorkerPlugin):
                 reason = box.spec.problem(key, payload, meta)
             if reason is not None:
                 self.dropped["malformed"] += 1
+                box.malformed += 1
                 logger.info("dropped malformed message on %r from %r: %s", topic, sender, reason)
                 return {"status": "dropped", "reason": reason}
             box.put(Message(sender, key, payload, meta))

@@ -27,11 +27,15 @@ class PayloadSpec:
 
     def problem(self, key, payload, meta) -> str | None:
         """Why the message is malformed, or ``None`` when it may be delivered."""
-        if not isinstance(key, int) or key not in self.shapes:
+        if isinstance(key, bool) or not isinstance(key, int) or key not in self.shapes:
             return f"unknown key {key!r}"
         if not is_array_api_obj(payload):
             return f"payload is a {type(payload).__name__}, not an array"
-        if str(payload.dtype) != self.dtype:
+        xp = array_namespace(payload)
+        # Compare dtypes in the payload's own namespace: "float64" (or
+        # "array_api_strict.float64") names the float64 of any namespace.
+        expected = getattr(xp, self.dtype.rsplit(".", 1)[-1], None)
+        if expected is None or payload.dtype != expected:
             return f"dtype {payload.dtype} != expected {self.dtype}"
         if tuple(payload.shape) != self.shapes[key]:
             return f"shape {tuple(payload.shape)} != expected {self.shapes[key]} for key {key}"
@@ -40,7 +44,6 @@ class PayloadSpec:
         if not all(isinstance(k, str) and isinstance(v, _META_TYPES) for k, v in meta.items()):
             return "meta holds values other than numbers and strings"
         if self.finite:
-            xp = array_namespace(payload)
             if not bool(xp.all(xp.isfinite(payload))):
                 return "payload holds NaN or inf"
         return None

@@ -23,9 +23,10 @@ class Shard:
 def place(client: Client, X, y, workers: list[str]) -> list[Shard]:
     """Spread in-memory arrays over ``workers``, or locate the chunks of dask arrays.
 
-    Chunks held by a worker outside ``workers`` are assigned, in order, to the
-    training worker with the fewest rows (so one worker gets everything, in the
-    original order, in sequential mode)."""
+    A chunk is trained by the worker that holds it unless that worker already
+    has its fair share of rows; then (and for chunks held outside ``workers``) it
+    goes to the training worker with the fewest rows. With one worker
+    (sequential mode) that worker gets every chunk, in the original order."""
     if isinstance(X, da.Array):
         return _locate(client, X, y, workers)
     return _scatter(client, X, y, workers)
@@ -60,15 +61,19 @@ def _locate(client, X, y, workers):
         y_futures = {f.key: f for f in futures_of(persisted[1])}
         y_keys = list(persisted[1].__dask_keys__())
     holders = client.who_has([x_futures[k] for k in x_keys])
-    by_worker: dict[str, Shard] = {}
+    by_worker = {w: Shard(w, [], None if y is None else [], 0) for w in workers}
+    fair_share = X.shape[0] / len(workers)
     for i, key in enumerate(x_keys):
+        rows = X.chunks[0][i]
+        emptiest = min(workers, key=lambda w: by_worker[w].n_rows)
         held = [w for w in holders.get(key, ()) if w in workers]
-        # A chunk on a worker outside this run goes to the emptiest training worker.
-        address = held[0] if held else min(workers, key=lambda w: by_worker[w].n_rows if w in by_worker else 0)
-        shard = by_worker.setdefault(address, Shard(address, [], None if y is None else [], 0))
+        # Train a chunk where it lives unless that worker already has its share:
+        # then it moves once, worker to worker, to the worker with the fewest rows.
+        fits = [w for w in held if by_worker[w].n_rows + rows <= fair_share * 1.05 or w == emptiest]
+        shard = by_worker[fits[0] if fits else emptiest]
         shard.X.append(x_futures[key])
         if y is not None:
             shard.y.append(y_futures[y_keys[i]])
-        shard.n_rows += X.chunks[0][i]
-    return [by_worker[w] for w in workers if w in by_worker]
+        shard.n_rows += rows
+    return [by_worker[w] for w in workers if by_worker[w].n_rows > 0]
 

@@ -339,18 +339,18 @@ class WorkerRun:
     def _channel_row(self) -> dict:
         if self.channel is None:
             return {}
-        links = [self.channel.link(p) for p in self.spec.peers]
-        links = [link for link in links if link is not None]
+        counts = self.channel.counts(self.spec.topic)
+        links = [link for link in map(self.channel.link, self.spec.peers) if link is not None]
         timings = [t for link in links for t in link.log]
         total_seconds = sum(s for _, s in timings)
         return {
-            "messages_delivered": sum(link.sent for link in links),
-            "bytes_sent": sum(link.bytes_sent for link in links),
-            "send_failed": sum(link.failed + link.refused for link in links),
+            "messages_delivered": counts.sent,
+            "bytes_sent": counts.bytes_sent,
+            "send_failed": counts.failed + counts.refused,
+            "superseded": counts.superseded,
             "in_flight": sum(link.in_flight for link in links),
-            "superseded": sum(link.superseded for link in links),
             "overwritten": self.mailbox.overwritten,
-            "malformed": self.channel.dropped["malformed"],
+            "malformed": self.mailbox.malformed,
             "latency": statistics.median(s for _, s in timings) if timings else math.nan,
             "bandwidth": sum(b for b, _ in timings) / total_seconds if total_seconds > 0 else math.nan,
         }

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
+import sklearn.linear_model
 from sklearn.datasets import make_classification
 
 from dask_asgd import KMeans, LogisticRegression
@@ -82,3 +83,34 @@ def test_message_slices_cover_the_state(client):
     # Round-robin over 32, 32 and 16 parameters: between 16 and 32 x 8 bytes a message.
     assert (last.bytes_sent.values >= delivered * 16 * 8).all() and (last.bytes_sent.values <= delivered * 32 * 8).all()
     assert int((last.accepted + last.rejected).sum()) > 0
+
+
+def test_worker_joining_mid_fit_breaks_nothing():
+    # A worker that joins while a fit runs gets the channel (worker plugins reach
+    # late joiners) and the running fit carries on undisturbed.
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    X, y = make_classification(40_000, 10, random_state=0)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        with Client(cluster) as client:
+            result = {}
+
+            def fit():
+                result["est"] = LogisticRegression(random_state=0, max_epochs=100_000, max_time=4.0, tol=None, client=client).fit(X, y)
+
+            training = threading.Thread(target=fit)
+            training.start()
+            before = set(client.scheduler_info()["workers"])
+            cluster.scale(3)
+            client.wait_for_workers(3, timeout=60)
+            training.join(timeout=120)
+            newcomer = (set(client.scheduler_info()["workers"]) - before).pop()
+            has_channel = client.run(lambda dask_worker: "dask-asgd-channel" in dask_worker.plugins, workers=[newcomer])
+    est = result["est"]
+    assert has_channel == {newcomer: True}
+    assert set(est.history_.stop_reason.values) == {"max_time"}
+    assert newcomer not in est.history_.worker.values
+    reference = sklearn.linear_model.LogisticRegression().fit(X, y).score(X, y)
+    assert est.score(X, y) >= reference - 0.01

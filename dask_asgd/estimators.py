@@ -76,16 +76,17 @@ class _ASGDEstimator(BaseEstimator):
         X = as_2d_samples(X, self.sample_dim)
         y = self._prepare_targets(y, X)
         self._check_data(X)
-        in_memory = not isinstance(X, da.Array)
+        in_memory = not isinstance(X, da.Array) and not isinstance(y, da.Array)
         if in_memory:
             check_finite(X, "X")
             if y is not None and self._numeric_targets:
                 check_finite(y, "y")
+            y = self._encode_targets(y)
         comm_interval = config.get("comm-interval-default") if self.comm_interval == "auto" else self.comm_interval
         message_size = config.get("message-size-default") if self.message_size == "auto" else self.message_size
         with _client_for(self.client) as client:
             if not in_memory:
-                X, y = self._persist_checked(client, X, y)
+                X, y = self._persist_checked(client, da.asarray(X), None if y is None else da.asarray(y))
             model = self._make_model(X.shape[1])
             result = engine.fit(
                 client, model, X, y,
@@ -111,9 +112,13 @@ class _ASGDEstimator(BaseEstimator):
         check_finite(X, "X")
         if y is not None and self._numeric_targets:
             check_finite(y, "y")
-        return X, y
+        return X, self._encode_targets(y)
 
     _numeric_targets = True
+
+    def _encode_targets(self, y):
+        """The targets the model trains on; dask arrays are looked at on the cluster."""
+        return y
 
     def _check_params(self) -> None:
         """Estimator-specific parameter checks."""
@@ -356,23 +361,25 @@ class LogisticRegression(ClassifierMixin, _ASGDEstimator):
         _check_alpha(self.alpha)
 
     def _prepare_targets(self, y, X):
-        y = as_targets(y, X.shape[0], self.sample_dim, numeric=False)
+        return as_targets(y, X.shape[0], self.sample_dim, numeric=False)
+
+    def _encode_targets(self, y):
+        # Labels -> class indices 0..K-1. Called inside the client context for
+        # dask inputs, so unique() runs on the cluster, not in this process.
         if isinstance(y, da.Array):
             classes = np.unique(da.unique(y).compute())
-            if classes.dtype.kind == "f" and not np.isfinite(classes).all():
-                raise ValueError("y contains NaN or inf; drop those rows before fit")
-            self.classes_ = classes
-            return y.map_blocks(lambda b: np.searchsorted(classes, b).astype(np.int64), dtype=np.int64)
-        xp = array_namespace(y)
-        classes, indices = np.unique(np.asarray(y), return_inverse=True) if isinstance(y, np.ndarray) else xp.unique_inverse(y)
-        if np.asarray(classes).dtype.kind == "f" and not np.isfinite(np.asarray(classes)).all():
+        else:
+            xp = array_namespace(y)
+            classes, indices = np.unique(y, return_inverse=True) if isinstance(y, np.ndarray) else xp.unique_inverse(y)
+        host_classes = np.asarray(classes)
+        if host_classes.dtype.kind == "f" and not np.isfinite(host_classes).all():
             raise ValueError("y contains NaN or inf; drop those rows before fit")
+        if len(host_classes) < 2:
+            raise ValueError(f"y holds a single class ({host_classes[0].item()!r}); classification needs at least two")
         self.classes_ = classes
+        if isinstance(y, da.Array):
+            return y.map_blocks(lambda b: np.searchsorted(classes, b).astype(np.int64), dtype=np.int64)
         return xp.astype(xp.asarray(indices, device=device(y)), xp.int64)
-
-    def _check_data(self, X):
-        if len(self.classes_) < 2:
-            raise ValueError(f"y holds a single class ({self.classes_[0].item()!r}); classification needs at least two")
 
     def _make_model(self, n_features):
         return LogisticModel(n_features, len(self.classes_), alpha=float(self.alpha), fit_intercept=bool(self.fit_intercept))

@@ -43,11 +43,12 @@ _COMMON_DOC = """
         Stop once the loss improved by less than ``tol`` (relative) for
         ``asgd.engine.n-iter-no-change`` epochs in a row.
     comm_interval : int or "auto"
-        Samples between two sends of a worker. ``"auto"``: the
-        ``asgd.comm-interval-default`` setting.
+        Samples between two sends of a worker. ``"auto"`` (asgd mode): start
+        at ``asgd.comm-interval-default`` and let the balancer adjust it.
     message_size : int or "auto"
-        Parameters per message; a state larger than this is sent in slices,
-        round-robin. ``"auto"``: the ``asgd.message-size-default`` setting.
+        At most this many parameters per message: the state is split in
+        2**L equal slices, sent round-robin. ``"auto"`` (asgd mode): start at
+        ``asgd.message-size-default`` and let the balancer adjust it.
     update_filter : {"parzen", None}, default "parzen"
         ``parzen``: merge a received state only if the local step moves towards it.
     client : distributed.Client or None
@@ -94,6 +95,7 @@ class _ASGDEstimator(BaseEstimator):
                 comm_interval=int(comm_interval), message_size=int(message_size),
                 update_filter=self.update_filter, max_epochs=int(self.max_epochs),
                 max_time=self.max_time, tol=self.tol, seed=_seed(self.random_state),
+                auto_interval=self.comm_interval == "auto", auto_size=self.message_size == "auto",
             )
         self.model_ = model
         self.params_ = result.params
@@ -217,7 +219,8 @@ class KMeans(ClusterMixin, _ASGDEstimator):
     def _make_model(self, n_features):
         return KMeansModel(
             self.n_clusters, n_features,
-            n_init=int(config.get("init.n-init")), lloyd_iterations=int(config.get("init.lloyd-iterations")),
+            n_init=_n_init(config.get("init.n-init"), self.n_clusters),
+            lloyd_iterations=int(config.get("init.lloyd-iterations")),
         )
 
     def _set_fitted_attributes(self):
@@ -410,6 +413,14 @@ class LogisticRegression(ClassifierMixin, _ASGDEstimator):
         y = as_targets(y, raw.shape[0], self.sample_dim, numeric=False)
         hits = self.predict(raw) == y
         return float(hits.mean().compute() if isinstance(hits, da.Array) else hits.mean())
+
+
+def _n_init(setting, n_clusters: int) -> int:
+    # "auto", as scikit-learn: several greedy seedings are cheap for few
+    # clusters and cost minutes for thousands, where one seeding does well.
+    if setting == "auto":
+        return 3 if n_clusters <= 100 else 1
+    return int(setting)
 
 
 def _take_classes(classes, index):

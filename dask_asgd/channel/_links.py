@@ -79,7 +79,9 @@ class PeerLink:
         self.sent = self.failed = self.refused = self.bytes_sent = self.superseded = 0
         self.topics: dict[str, SendCounts] = {}
         self.log = deque(maxlen=log_length)
+        self.logged = 0  # sends ever logged: tells a reader which log entries are new
         self.last_error = None
+        self._on_wire: dict[int, float] = {}  # id(message) -> perf_counter() at start
         self._send = send
         self._timeout = timeout
         self._waiting: dict[tuple[str, int], Outgoing] = {}
@@ -121,8 +123,13 @@ class PeerLink:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def oldest_in_flight(self, now: float) -> float:
+        """Seconds the oldest send still on the wire has been going."""
+        return max((now - start for start in list(self._on_wire.values())), default=0.0)
+
     async def _deliver(self, message: Outgoing) -> None:
         start = time.perf_counter()
+        self._on_wire[id(message)] = start
         try:
             reply = await asyncio.wait_for(self._send(self.address, message), self._timeout)
         except Exception as exc:  # a peer that left or broke must not harm the sender
@@ -134,10 +141,12 @@ class PeerLink:
                 self._count(message.topic, "sent")
                 self._count(message.topic, "bytes_sent", message.nbytes)
                 self.log.append((message.nbytes, elapsed))
+                self.logged += 1
             else:
                 self._count(message.topic, "refused")
                 self.last_error = str(reply)
         finally:
+            self._on_wire.pop(id(message), None)
             self.in_flight -= 1
             if self._waiting and self.in_flight < self.limit:
                 slot = next(iter(self._waiting))

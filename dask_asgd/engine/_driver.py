@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 import xarray as xr
 from array_api_compat import array_namespace
-from distributed import Client, as_completed
+from distributed import Client, as_completed, wait
 
 from .. import config
+from ..balance._monitor import Monitor
 from ..channel import Channel
 from ..models import SGDModel
 from ._data import Shard, place
@@ -57,6 +58,8 @@ def fit(
     max_time: float | None,
     tol: float | None,
     seed: int,
+    auto_interval: bool = False,
+    auto_size: bool = False,
 ) -> FitResult:
     """Train ``model`` on X (and y) with the cluster behind ``client``."""
     workers = sorted(client.scheduler_info()["workers"])
@@ -64,11 +67,14 @@ def fit(
         raise RuntimeError("the Dask cluster has no workers; start some (dask worker ADDRESS) and fit again")
     if mode == "sequential":
         workers = workers[:1]
+    # The monitor's stream handler must exist before any worker reports to it.
+    client.register_plugin(Monitor())
     if mode in ("asgd", "sync"):
         client.register_plugin(Channel())
     shards = place(client, X, y, workers)
     n_samples = sum(s.n_rows for s in shards)
     init = _initial_state(client, model, shards, n_samples, seed)
+    wait(init)  # the clock starts with training, not with the initial state
     spec = RunSpec(
         run_id=uuid.uuid4().hex[:12],
         mode=mode,
@@ -91,8 +97,12 @@ def fit(
         segment_seconds=float(config.get("engine.segment-seconds")),
         eval_size=int(config.get("engine.eval-size")),
         sync_timeout=float(config.get("engine.sync-timeout")),
+        auto_interval=auto_interval,
+        auto_size=auto_size,
+        report_interval=float(config.get("balance.report-interval")),
+        probe_interval=float(config.get("balance.probe-interval")),
     )
-    finals, rows = _run_chains(client, spec, shards, init)
+    finals, rows, adjustments = _run_chains(client, spec, shards, init)
 
     reasons = {w: r["stop_reason"] for w, r in finals.items()}
     diverged = [w for w, reason in reasons.items() if reason == "diverged"]
@@ -106,6 +116,7 @@ def fit(
         {s.address: rows[s.address] for s in shards},
         spec.history_interval,
         attrs={"mode": mode, "run_id": spec.run_id, "model": type(model).__name__},
+        adjustments=adjustments,
     )
     history["stop_reason"] = ("worker", [reasons[s.address] for s in shards])
     total = sum(samples.values())
@@ -157,6 +168,7 @@ def _run_chains(client, spec: RunSpec, shards: list[Shard], init):
 
     finals: dict[str, dict] = {}
     rows: dict[str, list[dict]] = {s.address: [] for s in shards}
+    adjustments: list[dict] = []
     try:
         for future in done:
             if future.cancelled():
@@ -165,6 +177,7 @@ def _run_chains(client, spec: RunSpec, shards: list[Shard], init):
             i = owner.pop(future.key)
             chains[i].popleft()
             rows[shards[i].address].extend(result["rows"])
+            adjustments.extend({"worker": shards[i].address, **a} for a in result.get("adjustments", ()))
             if result["done"]:
                 if not result.get("stale"):
                     finals[shards[i].address] = result
@@ -176,7 +189,7 @@ def _run_chains(client, spec: RunSpec, shards: list[Shard], init):
     except BaseException:
         client.cancel([f for chain in chains for f in chain])
         raise
-    return finals, rows
+    return finals, rows, adjustments
 
 
 def _average(states, weights):

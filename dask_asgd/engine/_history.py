@@ -34,8 +34,13 @@ DESCRIPTIONS = {
 }
 
 
-def build_history(rows_by_worker: dict[str, list[dict]], interval: float, attrs: dict) -> xr.Dataset:
-    """One Dataset from each worker's rows; a value holds until the next row."""
+def build_history(rows_by_worker: dict[str, list[dict]], interval: float, attrs: dict,
+                  adjustments: list[dict] = ()) -> xr.Dataset:
+    """One Dataset from each worker's rows; a value holds until the next row.
+
+    The balancer's adjustments, with their reasons, go along their own dim
+    ``adjustment`` (time, worker, new settings, reason).
+    """
     workers = list(rows_by_worker)
     ticks = sorted({row["tick"] for rows in rows_by_worker.values() for row in rows})
     position = {tick: i for i, tick in enumerate(ticks)}
@@ -49,6 +54,17 @@ def build_history(rows_by_worker: dict[str, list[dict]], interval: float, attrs:
     for name, values in data.items():
         filled = _forward_fill(values)
         variables[name] = (("time", "worker"), filled, _attrs(name))
+    adjustments = sorted(adjustments, key=lambda a: a["elapsed"])
+    variables.update({
+        "adjustment_time": (("adjustment",), np.array([a["elapsed"] for a in adjustments], dtype=float),
+                            {"units": "s", "description": "when the worker applied a balancer setting"}),
+        "adjustment_worker": (("adjustment",), np.array([a["worker"] for a in adjustments], dtype=object)),
+        "adjustment_comm_interval": (("adjustment",), np.array([a["comm_interval"] for a in adjustments], dtype=np.int64),
+                                     {"units": "samples"}),
+        "adjustment_message_size": (("adjustment",), np.array([a["message_size"] for a in adjustments], dtype=np.int64),
+                                    {"units": "parameters"}),
+        "adjustment_reason": (("adjustment",), np.array([a["reason"] for a in adjustments], dtype=object)),
+    })
     return xr.Dataset(
         variables,
         coords={"time": ("time", np.asarray(ticks, dtype=float) * interval, {"units": "s"}), "worker": workers},

@@ -35,10 +35,23 @@ class RunSpec:
     segment_seconds: float
     eval_size: int
     sync_timeout: float
+    auto_interval: bool = False
+    auto_size: bool = False
+    report_interval: float = 0.5
+    probe_interval: float = 1.0
+    max_levels: int = 12
 
     @property
     def topic(self) -> str:
         return f"asgd/{self.run_id}/{self.mode}"
+
+    @property
+    def balance_topic(self) -> str:
+        return f"asgd/{self.run_id}/balance"
+
+    @property
+    def probe_topic(self) -> str:
+        return f"asgd/{self.run_id}/probe"
 
     @property
     def communicates(self) -> bool:
@@ -53,8 +66,29 @@ class RunSpec:
     def sync_rounds_per_epoch(self) -> int:
         return max(1, math.ceil(self.n_samples / (len(self.peers) * self.comm_interval)))
 
-    def slices(self) -> list[tuple[int, int]]:
-        """``(start, stop)`` of each message's slice of the flat state; sync sends it whole."""
+    # Messages carry power-of-two slices of the flat state, numbered like a heap:
+    # key 2**L + i is slice i of 2**L. Every level's keys are valid at once, so a
+    # sender can change its message size (the balancer does) mid-run.
+    @property
+    def top_level(self) -> int:
+        return 0 if self.mode == "sync" else min(self.max_levels, int(math.log2(max(self.model.n_params, 1))))
+
+    def level(self, message_size: int) -> int:
+        """Split level whose slices hold at most ``message_size`` parameters."""
         n = self.model.n_params
-        size = n if self.mode == "sync" else min(self.message_size, n)
-        return [(start, min(start + size, n)) for start in range(0, n, size)]
+        if self.mode == "sync" or message_size >= n:
+            return 0
+        return min(self.top_level, math.ceil(math.log2(n / message_size)))
+
+    def bounds(self, key: int) -> tuple[int, int]:
+        """``(start, stop)`` in the flat state of the slice with this key."""
+        level = key.bit_length() - 1
+        index, n = key - 2**level, self.model.n_params
+        return index * n // 2**level, (index + 1) * n // 2**level
+
+    def slice_shapes(self) -> dict[int, tuple[int]]:
+        shapes = {}
+        for key in range(1, 2 ** (self.top_level + 1)):
+            start, stop = self.bounds(key)
+            shapes[key] = (stop - start,)
+        return shapes

@@ -16,7 +16,14 @@ from distributed import get_worker
 from ..channel import PayloadSpec, get_channel
 from ..filter import UpdateFilter
 from ..models._base import host_to
+from ._report import Reporter
 from ._spec import RunSpec
+
+# The balancer's messages: [comm_interval, message_size], with the reason in meta.
+BALANCE_SPEC = PayloadSpec("int64", {0: (2,)})
+# Latency probes between peers: one number, read and dropped.
+PROBE_SPEC = PayloadSpec("float64", {0: (1,)})
+PROBE_PAYLOAD = np.zeros(1)
 
 # Runs live on the worker between the tasks of their chain. A finished run leaves
 # its id behind, so a task queued after the end returns at once instead of
@@ -63,7 +70,9 @@ def train_segment(spec: RunSpec, worker_index: int, X_chunks, y_chunks, init, pr
     except BaseException:
         run.close()
         raise
-    result: dict[str, Any] = {"worker": address, "rows": run.take_rows(), "done": run.done}
+    result: dict[str, Any] = {
+        "worker": address, "rows": run.take_rows(), "adjustments": run.take_adjustments(), "done": run.done,
+    }
     if run.done:
         result.update(params=run.params, samples=run.samples, stop_reason=run.stop_reason)
         run.close()
@@ -128,18 +137,29 @@ class WorkerRun:
         self._due = 0.0  # perf_counter() time of the next history row
         self._host_indices = isinstance(self.X, np.ndarray)
 
-        self.slices = spec.slices()
+        self.comm_interval = spec.comm_interval
+        self.level = spec.level(spec.message_size)
         self._next_slice = 0
         self.sent = 0
         self.round = 0
         self.silent_peers: set[str] = set()
         self._sync_latest: dict[str, Any] = {}
+        self.adjustments: list[dict] = []
+        self.worker = get_worker()
         self.channel = get_channel() if spec.communicates else None
-        self.mailbox = None
+        self.mailbox = self.balance_box = self.probe_box = None
+        self._probe_due = 0.0
         if self.channel is not None:
-            shapes = {k: (stop - start,) for k, (start, stop) in enumerate(self.slices)}
-            self.mailbox = self.channel.subscribe(spec.topic, PayloadSpec(str(self.params.dtype), shapes))
+            self.mailbox = self.channel.subscribe(spec.topic, PayloadSpec(str(self.params.dtype), spec.slice_shapes()))
+            if spec.mode == "asgd" and (spec.auto_interval or spec.auto_size):
+                self.balance_box = self.channel.subscribe(spec.balance_topic, BALANCE_SPEC)
+                self.probe_box = self.channel.subscribe(spec.probe_topic, PROBE_SPEC)
+        self.reporter = Reporter(self)
         self._record(force=True)
+
+    @property
+    def message_size(self) -> int:
+        return math.ceil(self.spec.model.n_params / 2**self.level)
 
     # -- the loop ---------------------------------------------------------------------
     def train(self, seconds: float) -> None:
@@ -161,7 +181,7 @@ class WorkerRun:
         spec, xp, X, y = self.spec, self.xp, self.X, self.y
         step, lr, size = spec.model.step, spec.learning_rate, spec.batch_size
         before = self.params
-        n_steps = max(1, math.ceil((spec.comm_interval - self._since_exchange) / size))
+        n_steps = max(1, math.ceil((self.comm_interval - self._since_exchange) / size))
         # The hot loop: one clock read per step; history, time limits and epoch
         # ends are looked at only when due.
         for _ in range(n_steps):
@@ -247,19 +267,55 @@ class WorkerRun:
     def _async_exchange(self, before) -> None:
         """Merge what peers sent (if the filter lets it in), then send one slice to a random peer."""
         self._since_exchange = 0
+        self._apply_balance()
         for message in self.mailbox.take():
-            start, stop = self.slices[message.key]
+            start, stop = self.spec.bounds(message.key)
             if self.filter.accept(before[start:stop], self.params[start:stop], message.payload):
                 self.params[start:stop] = (self.params[start:stop] + message.payload) / 2
         peers = self._peers()
         if not peers:
             return
-        key = self._next_slice
-        self._next_slice = (key + 1) % len(self.slices)
-        start, stop = self.slices[key]
+        n_slices = 2**self.level
+        key = n_slices + self._next_slice % n_slices
+        self._next_slice += 1
+        start, stop = self.spec.bounds(key)
         peer = peers[int(self.peer_rng.integers(len(peers)))]
         self.channel.publish(self.spec.topic, peer, self.params[start:stop], key=key)
         self.sent += 1
+
+    def _apply_balance(self) -> None:
+        """Take the balancer's newest setting for this worker, if one came;
+        send a latency probe when one is due."""
+        if self.balance_box is None:
+            return
+        self._probe()
+        messages = self.balance_box.take()
+        if not messages:
+            return
+        newest = messages[-1]
+        interval, size = (int(v) for v in newest.payload)
+        if self.spec.auto_interval and interval > 0:
+            self.comm_interval = interval
+        if self.spec.auto_size and size > 0:
+            self.level = self.spec.level(size)
+        self.adjustments.append({
+            "elapsed": time.time() - self.spec.t0,
+            "comm_interval": self.comm_interval,
+            "message_size": self.message_size,
+            "reason": str(newest.meta.get("reason", "")),
+        })
+
+    def _probe(self) -> None:
+        # A one-number message now and then: its send time is the link's fixed
+        # cost alone, which large state messages cannot show apart from bandwidth.
+        self.probe_box.take()
+        now = time.perf_counter()
+        peers = self._peers()
+        if now < self._probe_due or not peers:
+            return
+        self._probe_due = now + self.spec.probe_interval
+        peer = peers[int(self.peer_rng.integers(len(peers)))]
+        self.channel.publish(self.spec.probe_topic, peer, PROBE_PAYLOAD, key=0)
 
     def _sync_exchange(self) -> None:
         """Barrier: send the whole state to every peer, wait for theirs, average."""
@@ -271,7 +327,7 @@ class WorkerRun:
         if epoch_end:
             meta["loss"] = self._eval_loss()
         for peer in self._peers():
-            self.channel.publish(spec.topic, peer, self.params, key=0, meta=meta)
+            self.channel.publish(spec.topic, peer, self.params, key=1, meta=meta)
             self.sent += 1
         arrived = self._await_round(self._peers())
         states = [self.params] + [m.payload for m in arrived]
@@ -327,14 +383,15 @@ class WorkerRun:
             "samples": self.samples,
             "epoch": self._epochs_done(),
             "loss": self.loss,
-            "comm_interval": self.spec.comm_interval,
-            "message_size": self.slices[0][1] - self.slices[0][0],
+            "comm_interval": self.comm_interval,
+            "message_size": self.message_size,
             "messages_sent": self.sent,
             "accepted": self.filter.accepted,
             "rejected": self.filter.rejected,
         }
         row.update(self._channel_row())
         self._rows.append(row)
+        self.reporter.maybe_send()
 
     def _channel_row(self) -> dict:
         if self.channel is None:
@@ -359,9 +416,16 @@ class WorkerRun:
         rows, self._rows = self._rows, []
         return rows
 
+    def take_adjustments(self) -> list[dict]:
+        adjustments, self.adjustments = self.adjustments, []
+        return adjustments
+
     def close(self) -> None:
+        self.reporter.send_final()
         if self.channel is not None:
             self.channel.unsubscribe(self.spec.topic)
+            self.channel.unsubscribe(self.spec.balance_topic)
+            self.channel.unsubscribe(self.spec.probe_topic)
         slot = (self.spec.run_id, self.address)
         _RUNS.pop(slot, None)
         _FINISHED.add(slot)

@@ -95,8 +95,12 @@ class KMeansModel(SGDModel):
         return xp.stack(centers)
 
     def _lloyd(self, xp, X, C):
+        previous = None
         for _ in range(self.lloyd_iterations):
             labels = xp.argmin(squared_distances(xp, X, C), axis=1)
+            if previous is not None and bool(xp.all(labels == previous)):
+                break  # converged: the centres would not move again
+            previous = labels
             member = one_hot(xp, labels, self.n_clusters, X.dtype)
             counts = xp.sum(member, axis=0)
             sums = member.T @ X

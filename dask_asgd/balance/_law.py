@@ -1,0 +1,276 @@
+"""The balancing law: from measured compute speed and send timings, the
+communication interval and message size one worker should use. Pure arithmetic,
+no Dask: the monitor feeds it, tests drive it with synthetic traces.
+
+The law (our own design; the papers' is not published in usable form):
+
+* Estimate, from the sends of the last seconds, the fixed cost of a message L
+  (latency: round trip, both event loops) and the link's bandwidth B, by least
+  squares on ``seconds = L + bytes / B`` when message sizes vary, else from the
+  smallest send time and the mean throughput. Smooth both, and the compute speed
+  v (samples/s), with an exponential moving average (half-life ``smoothing``).
+* Message size: a worker's view of a peer's state is, on average, half a full
+  refresh plus one message old. Sending slices of m parameters (itemsize s) with
+  the link busy a share u, a full refresh takes ``P/m * (L + m*s/B) / u`` and a
+  message ``L + m*s/B``; the age ``P*L/(2*m*u) + P*s/(2*B*u) + L + m*s/B`` is
+  smallest at ``m = sqrt(P * L * B / (2 * u * s))``. Clipped to [min, whole
+  state] and rounded to a power-of-two split: latency-bound links (L*B large)
+  get whole states, bandwidth-bound links slices that shrink with sqrt(B).
+* Interval: every message costs its fixed part L (mostly CPU on both workers'
+  event loops) and keeps the link busy ``t = L + m * itemsize / B``. Sending
+  every b samples at v samples/s costs a share ``v * L / b`` of the time in
+  per-message work and keeps the link busy a share ``v * t / b``. b is the
+  smallest interval that holds the first at ``cpu_share`` and the second at
+  ``link_share``: ``b = v * max(L / cpu_share, t / link_share)``.
+* Probing: with all sends of one size, latency and bandwidth cannot be told
+  apart. When such sends take long (over ``probe_seconds``), the message size is
+  halved once, and the two sizes separate them.
+* Backlog: sends superseded while waiting, or older than the estimated message
+  time, mean the link is already saturated; then b doubles at once.
+* No oscillation: b changes only when the law's target moves outside a dead
+  band around the current value (``deadband``, a ratio wider than one step),
+  then to the target quantised to powers of sqrt(2) times the batch size, and
+  at most every ``min_change_interval`` seconds, except for backlog.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class BalancerSettings:
+    cpu_share: float = 0.05
+    link_share: float = 0.5
+    probe_seconds: float = 0.02
+    window: int = 64
+    window_seconds: float = 10.0
+    smoothing: float = 1.0
+    deadband: float = 1.5
+    min_change_interval: float = 1.0
+    min_interval: int = 256
+    max_interval: int = 2**24
+    min_message_size: int = 1024
+    max_levels: int = 12
+
+
+@dataclass
+class Report:
+    """What one worker measured since its previous report."""
+
+    elapsed: float  # seconds since the run started, at the worker
+    samples: int  # samples processed since the previous report
+    seconds: float  # wall seconds since the previous report
+    sends: list[tuple[int, float]] = field(default_factory=list)  # (bytes, seconds) delivered
+    superseded: int = 0  # messages replaced while waiting to be sent
+    in_flight: int = 0
+    oldest_in_flight: float = 0.0  # age in seconds of the oldest send on the wire
+
+
+@dataclass(frozen=True)
+class Decision:
+    comm_interval: int
+    message_size: int
+    reason: str
+
+
+def _valid(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+class Balancer:
+    """Chooses ``comm_interval`` and ``message_size`` for one worker.
+
+    Example::
+
+        balancer = Balancer(n_params=2_000_000, itemsize=8, batch_size=256,
+                            comm_interval=32768, message_size=2_000_000)
+        decision = balancer.update(Report(elapsed=3.0, samples=400_000, seconds=0.5,
+                                          sends=[(16_000_000, 1.3)]))
+        if decision:
+            decision.comm_interval, decision.message_size, decision.reason
+    """
+
+    settings: BalancerSettings
+    comm_interval: int
+    message_size: int
+    latency: float | None
+    bandwidth: float | None
+    speed: float | None
+    changes: int
+
+    def __init__(self, n_params: int, itemsize: int, batch_size: int, comm_interval: int, message_size: int,
+                 settings: BalancerSettings | None = None, tune_interval: bool = True, tune_size: bool = True):
+        self.settings = settings or BalancerSettings()
+        self.n_params = n_params
+        self.itemsize = itemsize
+        self.batch_size = batch_size
+        self.comm_interval = comm_interval
+        self.message_size = message_size
+        self.tune_interval = tune_interval
+        self.tune_size = tune_size
+        self.latency = self.bandwidth = self.speed = None
+        self.changes = 0
+        self._last_change = -math.inf
+        self._sends: deque[tuple[float, int, float]] = deque(maxlen=self.settings.window)
+        self._identified = False  # latency told apart from bandwidth (two sizes seen)
+
+    # -- estimation ------------------------------------------------------------------------
+    def _smooth(self, old: float | None, new: float, seconds: float) -> float:
+        if old is None:
+            return new
+        weight = 1.0 - 0.5 ** (seconds / self.settings.smoothing)
+        return old + weight * (new - old)
+
+    def _observe(self, report: Report) -> None:
+        seconds = report.seconds if _valid(report.seconds) and report.seconds > 0 else None
+        if seconds is None:
+            return
+        if _valid(report.samples) and report.samples >= 0:
+            self.speed = self._smooth(self.speed, report.samples / seconds, seconds)
+        sends = [(b, s) for b, s in report.sends if _valid(b) and _valid(s) and b > 0 and s > 0]
+        now = report.elapsed if _valid(report.elapsed) else 0.0
+        self._sends.extend((now, b, s) for b, s in sends)
+        while self._sends and self._sends[0][0] < now - self.settings.window_seconds:
+            self._sends.popleft()
+        if not sends:
+            return
+        if not self._identified:
+            latency, bandwidth = fit_link([(b, s) for _, b, s in self._sends])
+            if bandwidth is None:
+                self.latency = latency  # a guess until two sizes tell them apart
+                return
+            self._identified = True
+            self.latency, self.bandwidth = latency, bandwidth
+            return
+        # Latency known: this report's sends alone tell the bandwidth now, so a
+        # change shows within a report or two, not after the whole window.
+        latency, bandwidth = fit_link(sends) if len(sends) >= 4 else (None, None)
+        if bandwidth is not None:
+            self.latency = self._smooth(self.latency, latency, seconds)
+        else:
+            mean_bytes = sum(b for b, _ in sends) / len(sends)
+            payload = sum(s for _, s in sends) / len(sends) - self.latency
+            bandwidth = None if payload < 0.2 * self.latency else mean_bytes / payload
+        self.bandwidth = None if bandwidth is None else self._smooth(self.bandwidth, bandwidth, seconds)
+
+    # -- the law ---------------------------------------------------------------------------
+    def message_time(self, message_size: int) -> float:
+        latency = self.latency or 0.0
+        payload = 0.0 if not self.bandwidth else message_size * self.itemsize / self.bandwidth
+        return latency + payload
+
+    def _one_size(self) -> bool:
+        sizes = [b for _, b, _ in self._sends]
+        return not sizes or max(sizes) < 2 * min(sizes)
+
+    def target_message_size(self) -> int:
+        if not self.tune_size or self.latency is None:
+            return self.message_size
+        if not self.bandwidth:
+            if not self._identified and self.latency > self.settings.probe_seconds and self.message_size > self.settings.min_message_size:
+                # Slow sends of one size: is it latency or bandwidth? Half the size tells.
+                return split_size(self.n_params, self.message_size / 2, self.settings.max_levels)
+            return self.message_size if not self._identified else self.n_params
+        s = self.settings
+        wanted = math.sqrt(self.n_params * self.latency * self.bandwidth / (2 * s.link_share * self.itemsize))
+        wanted = min(max(wanted, s.min_message_size), self.n_params)
+        # Splits are a factor 2 apart: keep the current one while the optimum
+        # stays within sqrt(2) x dead band of it, so noise flips nothing.
+        band = math.sqrt(2) * s.deadband
+        if self.message_size / band <= wanted <= self.message_size * band:
+            return self.message_size
+        return split_size(self.n_params, wanted, s.max_levels)
+
+    def target_interval(self, message_size: int) -> float | None:
+        """The interval the law asks for, before quantisation."""
+        if self.speed is None or self.latency is None:
+            return None
+        s = self.settings
+        return self.speed * max(self.latency / s.cpu_share, self.message_time(message_size) / s.link_share)
+
+    def _quantise(self, interval: float) -> int:
+        s = self.settings
+        interval = min(max(interval, s.min_interval, self.batch_size), s.max_interval)
+        steps = round(2 * math.log2(interval / self.batch_size))
+        return int(min(max(self.batch_size * 2 ** (steps / 2), s.min_interval, self.batch_size), s.max_interval))
+
+    def update(self, report: Report) -> Decision | None:
+        """Take one report; return a new setting, with its reason, or ``None``."""
+        self._observe(report)
+        if self.latency is None and _valid(report.oldest_in_flight) and report.oldest_in_flight > 0:
+            # Nothing finished yet, but a send has been going this long: a floor
+            # for the message time, enough to start probing.
+            self.latency = report.oldest_in_flight
+        now = report.elapsed if _valid(report.elapsed) else None
+        if now is None:
+            return None
+        size = self.target_message_size()
+        backlog = report.superseded > 0 or (
+            self.latency is not None and report.in_flight > 0
+            and _valid(report.oldest_in_flight) and report.oldest_in_flight > 4 * self.message_time(self.message_size) + 0.05
+        )
+        if backlog and self.tune_interval:
+            if now - self._last_change < self.settings.min_change_interval / 2:
+                return None
+            interval = self._quantise(self.comm_interval * 2)
+            why = (f"backlog: {report.superseded} message(s) superseded before sending"
+                   if report.superseded else f"backlog: a send in flight for {report.oldest_in_flight:.2f} s")
+            return self._change(interval, size, now, why)
+        if now - self._last_change < self.settings.min_change_interval:
+            return None
+        wanted = self.target_interval(size) if self.tune_interval else self.comm_interval
+        if wanted is None:
+            return None
+        # The dead band (wider than one sqrt(2) step) is applied before
+        # quantising: noise around a step boundary moves nothing.
+        outside = max(wanted / self.comm_interval, self.comm_interval / wanted) > self.settings.deadband
+        if not outside and size == self.message_size:
+            return None
+        interval = self._quantise(wanted) if outside else self.comm_interval
+        bandwidth = f"{self.bandwidth * 8 / 1e6:.1f} Mbit/s" if self.bandwidth else "not limiting"
+        why = (f"latency {self.latency * 1e3:.2f} ms, bandwidth {bandwidth}, {self.speed:,.0f} samples/s: "
+               f"per-message cost {100 * self.speed * self.latency / interval:.0f}% of the time, "
+               f"link busy {100 * self.speed * self.message_time(size) / interval:.0f}%")
+        return self._change(interval, size, now, why)
+
+    def _change(self, interval: int, size: int, now: float, why: str) -> Decision | None:
+        if interval == self.comm_interval and size == self.message_size:
+            return None
+        self.comm_interval, self.message_size = interval, size
+        self._last_change = now
+        self.changes += 1
+        return Decision(interval, size, why)
+
+
+def fit_link(sends: list[tuple[int, float]]) -> tuple[float, float | None]:
+    """``(latency, bandwidth)`` from ``(bytes, seconds)`` sends; bandwidth ``None``
+    when the sends cannot show a cost per byte (one size, or none measurable)."""
+    sizes = [b for b, _ in sends]
+    times = [s for _, s in sends]
+    if max(sizes) >= 2 * min(sizes) and len(sends) >= 4:
+        # Least squares on seconds = L + bytes / B, where sizes vary enough.
+        n = len(sends)
+        mean_b, mean_s = sum(sizes) / n, sum(times) / n
+        var = sum((b - mean_b) ** 2 for b in sizes)
+        slope = sum((b - mean_b) * (s - mean_s) for b, s in sends) / var
+        intercept = mean_s - slope * mean_b
+        if slope > 0:
+            return max(intercept, min(times) * 0.05), 1.0 / slope
+        return sorted(times)[len(times) // 2], None
+    return min(times), None
+
+
+def split_size(n_params: int, wanted: float, max_levels: int) -> int:
+    """The slice size of the power-of-two split of ``n_params`` nearest above ``wanted``."""
+    level = level_for(n_params, wanted, max_levels)
+    return math.ceil(n_params / 2**level)
+
+
+def level_for(n_params: int, message_size: float, max_levels: int) -> int:
+    """Split level L: the state goes in 2**L slices of at most ``message_size``."""
+    if message_size >= n_params:
+        return 0
+    return min(max_levels, max(0, math.ceil(math.log2(n_params / message_size))), int(math.log2(max(n_params, 1))))

@@ -1,0 +1,155 @@
+"""The scheduler's view of every training run: per-worker measurements in
+rolling windows, and the balancer that turns them into settings sent back to
+each worker on the channel's balance topic."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+from distributed import SchedulerPlugin
+from distributed.protocol import to_serialize
+
+from .. import config
+from ..engine._report import REPORT_OP
+from ._law import Balancer, BalancerSettings, Report
+
+logger = logging.getLogger(__name__)
+
+MAX_RUNS = 8
+
+
+@dataclass
+class WorkerTrack:
+    """One worker's part of a run, as the scheduler sees it."""
+
+    reports: deque  # recent reports (dicts), oldest first
+    balancer: Balancer | None
+    adjustments: deque  # (elapsed, comm_interval, message_size, reason)
+    last: dict | None = None
+    done: bool = False
+
+
+@dataclass
+class RunTrack:
+    run_id: str
+    mode: str
+    workers: dict[str, WorkerTrack] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.workers) and all(w.done for w in self.workers.values())
+
+
+class Monitor(SchedulerPlugin):
+    """Collects the training workers' reports; balances runs with ``"auto"`` knobs.
+
+    Example::
+
+        client.register_plugin(Monitor())          # the engine does this before a fit
+        # on the scheduler:
+        monitor = scheduler.plugins["dask-asgd-monitor"]
+        monitor.runs[run_id].workers[address].reports[-1]["loss"]
+    """
+
+    name = "dask-asgd-monitor"
+    idempotent = True
+
+    scheduler = None
+    runs: OrderedDict[str, RunTrack]
+    dropped: int
+
+    async def start(self, scheduler):
+        self.scheduler = scheduler
+        self.runs = OrderedDict()
+        self.dropped = 0
+        self._window = int(config.get("balance.window"))
+        self._settings = _settings_from_config()
+        self._sends: set[asyncio.Task] = set()
+        scheduler.stream_handlers[REPORT_OP] = self._on_report
+
+    async def close(self):
+        self.scheduler.stream_handlers.pop(REPORT_OP, None)
+
+    def _on_report(self, worker=None, report=None, **_):
+        # A stream handler that raises would cost the worker its connection:
+        # a bad report is counted and dropped.
+        try:
+            self._take(worker, report)
+        except Exception as exc:
+            self.dropped += 1
+            logger.warning("dropped a malformed dask-asgd report from %s: %r", worker, exc)
+
+    def _take(self, worker: str, report: dict) -> None:
+        run = self.runs.get(report["run_id"])
+        if run is None:
+            run = self.runs[report["run_id"]] = RunTrack(report["run_id"], str(report["mode"]))
+            while len(self.runs) > MAX_RUNS:
+                self.runs.popitem(last=False)
+        track = run.workers.get(worker)
+        if track is None:
+            balancer = None
+            if report["auto_interval"] or report["auto_size"]:
+                balancer = Balancer(
+                    n_params=int(report["n_params"]), itemsize=int(report["itemsize"]),
+                    batch_size=int(report["batch_size"]), comm_interval=int(report["comm_interval"]),
+                    message_size=int(report["message_size"]), settings=self._settings,
+                    tune_interval=bool(report["auto_interval"]), tune_size=bool(report["auto_size"]),
+                )
+            track = run.workers[worker] = WorkerTrack(deque(maxlen=self._window), balancer, deque(maxlen=self._window))
+        previous, track.last = track.last, report
+        track.reports.append(report)
+        track.done = bool(report["done"])
+        if track.balancer is None or previous is None or track.done:
+            return
+        seconds = float(report["elapsed"]) - float(previous["elapsed"])
+        decision = track.balancer.update(Report(
+            elapsed=float(report["elapsed"]),
+            samples=int(report["samples"]) - int(previous["samples"]),
+            seconds=seconds,
+            sends=[(int(b), float(s)) for b, s in report["sends"]],
+            superseded=int(report.get("superseded", 0)) - int(previous.get("superseded", 0)),
+            in_flight=int(report.get("in_flight", 0)),
+            oldest_in_flight=float(report["oldest_in_flight"]),
+        ))
+        if decision is not None:
+            track.adjustments.append((float(report["elapsed"]), decision.comm_interval, decision.message_size, decision.reason))
+            task = asyncio.ensure_future(self._publish(worker, report["balance_topic"], decision))
+            self._sends.add(task)
+            task.add_done_callback(self._sends.discard)
+
+    async def _publish(self, worker: str, topic: str, decision) -> None:
+        # Onto the worker's channel, balance topic: the same handler peers use.
+        try:
+            await self.scheduler.rpc(worker).asgd_deliver(
+                topic=topic, key=0, sender="scheduler",
+                payload=to_serialize(np.array([decision.comm_interval, decision.message_size], dtype=np.int64)),
+                meta={"reason": decision.reason[:200]},
+            )
+        except Exception as exc:  # the worker left: nothing to adjust
+            logger.info("could not send a balance setting to %s: %r", worker, exc)
+
+    # -- views for the dashboard and metrics ----------------------------------------
+    def latest(self) -> RunTrack | None:
+        """The newest run."""
+        return next(reversed(self.runs.values()), None) if self.runs else None
+
+
+def _settings_from_config() -> BalancerSettings:
+    keys = {
+        "cpu_share": "balance.target-cpu-share",
+        "link_share": "balance.target-link-share",
+        "smoothing": "balance.smoothing",
+        "deadband": "balance.deadband",
+        "min_change_interval": "balance.min-change-interval",
+        "min_message_size": "balance.min-message-size",
+    }
+    values = {name: float(config.get(key)) for name, key in keys.items()}
+    values["min_message_size"] = int(values["min_message_size"])
+    if not all(math.isfinite(v) and v > 0 for v in values.values()):
+        raise ValueError(f"asgd.balance settings must be positive numbers, got {values}")
+    return BalancerSettings(**values)

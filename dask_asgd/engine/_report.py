@@ -1,0 +1,110 @@
+"""What a training worker tells the scheduler's monitor: a small dict of
+measurements every ``report_interval`` seconds over the worker's stream to the
+scheduler, never model data."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+REPORT_OP = "asgd-metrics"
+MAX_SENDS_PER_REPORT = 64
+
+
+class Reporter:
+    """Collects one run's measurements on a worker and sends them when due.
+
+    Example::
+
+        reporter = Reporter(run)
+        reporter.maybe_send()        # from the training loop, cheap when not due
+        reporter.send_final()        # when the run ends
+    """
+
+    def __init__(self, run):
+        self.run = run
+        self._due = 0.0
+        self._seen_sends: dict[str, int] = {}  # peer -> sends of its link already reported
+        self._seen_transfers = 0
+
+    def maybe_send(self) -> None:
+        now = time.perf_counter()
+        if now >= self._due:
+            self._due = now + self.run.spec.report_interval
+            self._send(done=False)
+
+    def send_final(self) -> None:
+        self._send(done=True)
+
+    def _send(self, done: bool) -> None:
+        run, spec = self.run, self.run.spec
+        report = {
+            "run_id": spec.run_id,
+            "worker": run.address,
+            "mode": spec.mode,
+            "elapsed": time.time() - spec.t0,
+            "samples": run.samples,
+            "loss": run.loss,
+            "comm_interval": run.comm_interval,
+            "message_size": run.message_size,
+            "n_params": spec.model.n_params,
+            "itemsize": int(np.dtype(str(run.params.dtype).rsplit(".", 1)[-1]).itemsize),
+            "batch_size": spec.batch_size,
+            "auto_interval": spec.auto_interval and spec.mode == "asgd",
+            "auto_size": spec.auto_size and spec.mode == "asgd",
+            "balance_topic": spec.balance_topic,
+            "messages_sent": run.sent,
+            "accepted": run.filter.accepted,
+            "rejected": run.filter.rejected,
+            "sends": self._new_sends(),
+            "oldest_in_flight": self._oldest_in_flight(),
+            "done": done,
+            "stop_reason": run.stop_reason,
+            **run._channel_row(),
+            **self._dask_transfers(),
+        }
+        worker = run.worker
+        worker.loop.add_callback(_to_scheduler, worker, report)
+
+    def _links(self):
+        channel = self.run.channel
+        if channel is None:
+            return []
+        return [link for link in map(channel.link, self.run.spec.peers) if link is not None]
+
+    def _new_sends(self) -> list[list]:
+        sends = []
+        for link in self._links():
+            new = min(link.logged - self._seen_sends.get(link.address, 0), len(link.log))
+            self._seen_sends[link.address] = link.logged
+            sends.extend([b, s] for b, s in list(link.log)[len(link.log) - new:])
+        return sends[-MAX_SENDS_PER_REPORT:]
+
+    def _oldest_in_flight(self) -> float:
+        now = time.perf_counter()
+        return max((link.oldest_in_flight(now) for link in self._links()), default=0.0)
+
+    def _dask_transfers(self) -> dict:
+        # Dask's own worker-to-worker transfers (data, not our channel): their
+        # measured bandwidth, for the monitor beside the channel's figures.
+        worker = self.run.worker
+        total = worker.state.transfer_incoming_count_total
+        log = list(worker.transfer_incoming_log)
+        new = log[len(log) - min(total - self._seen_transfers, len(log)):]
+        self._seen_transfers = total
+        return {
+            "dask_bandwidth": float(worker.bandwidth),
+            "dask_transfers": len(new),
+            "dask_transfer_bytes": int(sum(e.get("total", 0) for e in new)),
+        }
+
+
+def _to_scheduler(worker, report: dict) -> None:
+    stream = getattr(worker, "batched_stream", None)
+    if stream is None:
+        return
+    try:
+        stream.send({"op": REPORT_OP, "report": report})
+    except Exception:  # the scheduler went away: reports are best effort
+        pass

@@ -1,0 +1,213 @@
+"""The balancing law on synthetic timing traces, and the scheduler's monitor on
+a real cluster (reports arrive, malformed ones are dropped, settings go back)."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from dask_asgd.balance import Balancer, BalancerSettings, Report, fit_link, split_size
+
+P = 2_000_000  # parameters: a 16 MB state in float64
+SPEED = 1.5e6  # samples/s of one worker
+
+
+def drive(phases, noise=0.1, seed=0, settings=None, report_every=0.5, in_flight_limit=2):
+    """Run a balancer through phases of (seconds, latency, bandwidth bytes/s).
+
+    A send takes ``latency + bytes / bandwidth`` (times a random factor); the
+    link carries ``in_flight_limit`` at a time, and what it cannot carry in a
+    report's time is superseded, as in the channel. Each report also carries
+    one latency probe (8 bytes), as the engine sends."""
+    rnd = random.Random(seed)
+    balancer = Balancer(P, 8, 256, comm_interval=32768, message_size=P, settings=settings)
+    t, trace, capacity = 0.0, [], 0.0
+    for seconds, latency, bandwidth in phases:
+        end = t + seconds
+        while t < end - 1e-9:
+            t += report_every
+            size = balancer.message_size * 8
+            message_time = latency + size / bandwidth
+            wanted = max(1, int(report_every * SPEED / balancer.comm_interval))
+            # Sends finish at the link's pace, across report boundaries.
+            capacity = min(capacity + in_flight_limit * report_every / message_time, wanted + in_flight_limit)
+            carried = min(wanted, int(capacity))
+            capacity -= carried
+            sends = [(size, message_time * (1 + noise * rnd.uniform(-1, 1))) for _ in range(min(carried, 20))]
+            # The engine's latency probe: one 8-byte message every report.
+            sends.append((8, (latency + 8 / bandwidth) * (1 + noise * rnd.uniform(-1, 1))))
+            decision = balancer.update(Report(
+                elapsed=t, samples=int(report_every * SPEED), seconds=report_every, sends=sends,
+                superseded=max(0, wanted - carried - in_flight_limit), in_flight=min(wanted, in_flight_limit),
+                oldest_in_flight=min(message_time, report_every) if wanted > carried else 0.0,
+            ))
+            trace.append((t, balancer.comm_interval, balancer.message_size, decision))
+    return balancer, trace
+
+
+def changes_between(trace, start, stop):
+    return sum(1 for t, _, _, d in trace if d is not None and start < t <= stop)
+
+
+def test_interval_grows_when_bandwidth_drops_and_shrinks_when_it_recovers():
+    _, trace = drive([(20, 1e-3, 12.5e6), (20, 1e-3, 0.625e6), (20, 1e-3, 12.5e6)])
+    at = {round(t, 1): b for t, b, _, _ in trace}
+    fast, slow, recovered = at[20.0], at[40.0], at[60.0]
+    # The law scales the interval with 1/sqrt(bandwidth) once bandwidth-bound:
+    # a 20x drop asks for about 4.5x (quantised to sqrt(2) steps).
+    assert slow >= 2.8 * fast, (fast, slow)
+    assert recovered <= slow / 2.8, (slow, recovered)
+
+
+def test_reacts_within_five_seconds_of_a_drop():
+    _, trace = drive([(20, 1e-3, 12.5e6), (20, 1e-3, 0.625e6)])
+    before = [b for t, b, _, _ in trace if t == 20.0][0]
+    after = [(t, b) for t, b, _, _ in trace if 20.0 < t <= 25.0]
+    assert any(b >= 2 * before for _, b in after), after
+
+
+def test_message_size_follows_latency_over_bandwidth():
+    latency_bound, _ = drive([(20, 50e-3, 1e9)])  # 16 MB in 16 ms after 50 ms latency
+    bandwidth_bound, _ = drive([(20, 1e-3, 1.25e6)])  # 10 Mbit/s: payload dominates
+    assert latency_bound.message_size == P
+    assert bandwidth_bound.message_size < P / 16
+    # The age-optimal slice, sqrt(P L B / (2 u s)), within one power-of-two step.
+    b = bandwidth_bound
+    optimal = math.sqrt(P * b.latency * b.bandwidth / (2 * b.settings.link_share * 8))
+    assert optimal / 2 <= b.message_size <= optimal * 2
+
+
+def test_holds_the_targets_in_steady_state():
+    balancer, _ = drive([(30, 1e-3, 12.5e6)])
+    s = balancer.settings
+    share_cpu = SPEED * balancer.latency / balancer.comm_interval
+    share_link = SPEED * balancer.message_time(balancer.message_size) / balancer.comm_interval
+    # Quantisation (sqrt 2) and the dead band let each share sit within a factor 2.
+    assert max(share_cpu / s.cpu_share, share_link / s.link_share) == pytest.approx(1.0, rel=1.0)
+    assert share_link <= 2 * s.link_share
+
+
+@pytest.mark.parametrize("bandwidth", [1e9, 12.5e6, 1.25e6])
+def test_few_changes_in_steady_state_despite_noise(bandwidth):
+    _, trace = drive([(60, 1e-3, bandwidth)], noise=0.3)
+    assert changes_between(trace, 15, 60) <= 2, [(t, b, m) for t, b, m, d in trace if d and t > 15]
+
+
+def test_nonsense_measurements_are_ignored():
+    balancer = Balancer(P, 8, 256, comm_interval=32768, message_size=P)
+    good = Report(elapsed=0.5, samples=750_000, seconds=0.5, sends=[(8 * P, 0.02)] * 4)
+    balancer.update(good)
+    state = (balancer.latency, balancer.bandwidth, balancer.speed)
+    nonsense = [
+        Report(elapsed=1.0, samples=750_000, seconds=0.5, sends=[(8 * P, 0.0), (8 * P, -1.0), (8 * P, math.nan), (8 * P, math.inf)]),
+        Report(elapsed=1.5, samples=750_000, seconds=0.0, sends=[(8 * P, 0.02)]),
+        Report(elapsed=2.0, samples=750_000, seconds=-3.0, sends=[(8 * P, 0.02)]),
+        Report(elapsed=2.5, samples=750_000, seconds=math.nan, sends=[(8 * P, 0.02)]),
+        Report(elapsed=3.0, samples=-5, seconds=0.5, sends=[(0, 0.02), (-10, 0.02)]),
+        Report(elapsed=math.nan, samples=750_000, seconds=0.5, sends=[]),
+    ]
+    for report in nonsense:
+        balancer.update(report)
+    assert (balancer.latency, balancer.bandwidth) == state[:2]
+    assert balancer.speed == state[2]
+    assert all(math.isfinite(v) for v in (balancer.comm_interval, balancer.message_size))
+
+
+def test_backlog_doubles_the_interval_at_once():
+    balancer, _ = drive([(10, 1e-3, 12.5e6)])
+    before = balancer.comm_interval
+    decision = balancer.update(Report(elapsed=12.0, samples=750_000, seconds=0.5, superseded=3))
+    assert decision is not None and decision.comm_interval >= 2 * before * 0.7
+    assert "backlog: 3 message(s) superseded" in decision.reason
+
+
+def test_fixed_knobs_stay_fixed():
+    balancer = Balancer(P, 8, 256, comm_interval=4096, message_size=P, tune_interval=False, tune_size=False)
+    for i in range(20):
+        balancer.update(Report(elapsed=0.5 * (i + 1), samples=750_000, seconds=0.5, sends=[(8 * P, 1.5)] * 3, superseded=2))
+    assert (balancer.comm_interval, balancer.message_size) == (4096, P)
+
+
+def test_fit_link_recovers_latency_and_bandwidth():
+    latency, bandwidth = 2e-3, 5e6
+    sends = [(b, latency + b / bandwidth) for b in (1e4, 5e4, 1e5, 4e5, 8e5)]
+    fitted_latency, fitted_bandwidth = fit_link(sends)
+    assert fitted_latency == pytest.approx(latency, rel=1e-6)
+    assert fitted_bandwidth == pytest.approx(bandwidth, rel=1e-6)
+    assert fit_link([(1e5, 0.01)] * 5)[1] is None  # one size: cannot tell
+
+
+def test_split_sizes_are_power_of_two_splits():
+    assert split_size(1000, 2000, 12) == 1000
+    assert split_size(1000, 500, 12) == 500
+    assert split_size(1000, 300, 12) == 250
+    assert split_size(1000, 1, 3) == 125  # never more than 2**max_levels slices
+
+
+def _monitor_state(dask_scheduler):
+    monitor = dask_scheduler.plugins["dask-asgd-monitor"]
+    return {
+        "dropped": monitor.dropped,
+        "runs": {run_id: {w: (len(t.reports), len(t.adjustments), t.done) for w, t in run.workers.items()}
+                 for run_id, run in monitor.runs.items()},
+    }
+
+
+def test_monitor_collects_reports_and_balances_auto_runs(client):
+    from dask_asgd import KMeans
+
+    X = np.random.default_rng(0).normal(size=(40_000, 32))
+    # 500 centres x 32 features: a 128 KB state, sent between two worker processes.
+    est = KMeans(500, random_state=0, max_epochs=10_000, max_time=5.0, tol=None, client=client).fit(X)
+    h = est.history_
+    state = client.run_on_scheduler(_monitor_state)
+    run = state["runs"][h.attrs["run_id"]]
+    assert set(run) == set(h.worker.values)
+    for reports, adjustments, done in run.values():
+        assert reports >= 5 and done  # a report every 0.5 s, and a final one
+    # The balancer moved the interval away from the fixed default, and every
+    # adjustment is in history_ with its reason.
+    assert h.sizes["adjustment"] >= 1
+    assert all(reason for reason in h.adjustment_reason.values)
+    assert (h.comm_interval.isel(time=-1) != 32768).any()
+    assert set(h.adjustment_worker.values) <= set(h.worker.values)
+    # What the workers applied is what history_ shows at the end.
+    for worker in h.worker.values:
+        mine = h.adjustment_comm_interval.values[h.adjustment_worker.values == worker]
+        if len(mine):
+            assert float(h.comm_interval.sel(worker=worker).isel(time=-1)) == mine[-1]
+
+
+def test_fixed_knobs_are_not_balanced(client):
+    from dask_asgd import KMeans
+
+    X = np.random.default_rng(0).normal(size=(20_000, 16))
+    est = KMeans(50, random_state=0, comm_interval=4096, message_size=400, max_epochs=10_000, max_time=3.0, tol=None, client=client).fit(X)
+    h = est.history_
+    assert h.sizes["adjustment"] == 0
+    assert set(np.unique(h.comm_interval.values[~np.isnan(h.comm_interval.values)])) == {4096}
+    assert set(np.unique(h.message_size.values[~np.isnan(h.message_size.values)])) == {400}
+
+
+async def _send_bad_report(dask_worker):
+    dask_worker.batched_stream.send({"op": "asgd-metrics", "report": {"run_id": "x", "nonsense": True}})
+    dask_worker.batched_stream.send({"op": "asgd-metrics", "report": "not even a dict"})
+
+
+def test_malformed_report_is_dropped_and_the_worker_stays(client):
+    import time
+
+    from dask_asgd.balance._monitor import Monitor
+
+    client.register_plugin(Monitor())
+    workers_before = set(client.scheduler_info()["workers"])
+    dropped_before = client.run_on_scheduler(_monitor_state)["dropped"]
+    target = sorted(workers_before)[0]
+    client.run(_send_bad_report, workers=[target])
+    deadline = time.time() + 10
+    while client.run_on_scheduler(_monitor_state)["dropped"] < dropped_before + 2 and time.time() < deadline:
+        time.sleep(0.1)
+    assert client.run_on_scheduler(_monitor_state)["dropped"] == dropped_before + 2
+    assert set(client.scheduler_info()["workers"]) == workers_before
+    assert client.submit(lambda: 1 + 1, workers=[target]).result() == 2

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import dask.array as da
@@ -13,7 +14,7 @@ from array_api_compat import array_namespace, device
 from distributed import Client, LocalCluster, get_client
 from sklearn.base import BaseEstimator, ClassifierMixin, ClusterMixin, RegressorMixin
 
-from . import config, engine
+from . import checkpoint, config, engine
 from ._validation import (
     as_2d_samples,
     as_targets,
@@ -59,6 +60,12 @@ _COMMON_DOC = """
     sample_dim : str or None
         For ``xarray.DataArray`` inputs: the dim that holds the samples
         (default: the first); the other dims are stacked into features.
+    checkpoint : path or None
+        Directory where the client writes the state every
+        ``asgd.checkpoint.interval`` seconds, atomically (``.npz``, no pickle).
+    resume : bool, default False
+        Start from the newest checkpoint in ``checkpoint`` (if there is one)
+        and train the epochs left (at least one).
 """
 
 
@@ -74,6 +81,8 @@ class _ASGDEstimator(BaseEstimator):
     def _fit(self, X, y):
         check_common_params(self)
         self._check_params()
+        if self.resume and self.checkpoint is None:
+            raise ValueError("resume=True needs checkpoint=DIR: the directory to resume from")
         X = as_2d_samples(X, self.sample_dim)
         y = self._prepare_targets(y, X)
         self._check_data(X)
@@ -89,13 +98,16 @@ class _ASGDEstimator(BaseEstimator):
             if not in_memory:
                 X, y = self._persist_checked(client, da.asarray(X), None if y is None else da.asarray(y))
             model = self._make_model(X.shape[1])
+            start_from, samples_before = self._resume_point(model, X.dtype)
+            epochs_left = max(1, math.ceil(self.max_epochs - samples_before / X.shape[0]))
             result = engine.fit(
                 client, model, X, y,
                 mode=self.mode, learning_rate=float(self.learning_rate), batch_size=int(self.batch_size),
                 comm_interval=int(comm_interval), message_size=int(message_size),
-                update_filter=self.update_filter, max_epochs=int(self.max_epochs),
+                update_filter=self.update_filter, max_epochs=epochs_left,
                 max_time=self.max_time, tol=self.tol, seed=_seed(self.random_state),
                 auto_interval=self.comm_interval == "auto", auto_size=self.message_size == "auto",
+                start_from=start_from, samples_before=samples_before, checkpoint_dir=self.checkpoint,
             )
         self.model_ = model
         self.params_ = result.params
@@ -104,6 +116,28 @@ class _ASGDEstimator(BaseEstimator):
         self.n_features_in_ = X.shape[1]
         self._set_fitted_attributes()
         return self
+
+    def _resume_point(self, model, dtype):
+        """``(initial state, samples already seen)`` from the newest checkpoint, or
+        ``(None, 0)``; a directory whose checkpoints all fail to load is refused."""
+        if not self.resume:
+            return None, 0
+        found = checkpoint.list_checkpoints(self.checkpoint)
+        latest = checkpoint.load_latest(self.checkpoint, model=type(model).__name__, n_params=model.n_params, dtype=dtype)
+        if latest is None:
+            if found:
+                raise checkpoint.CorruptCheckpoint(
+                    f"none of the {len(found)} checkpoint(s) in {self.checkpoint} can be read; "
+                    "delete the directory to start afresh"
+                )
+            return None, 0
+        if latest.settings.get("n_features", model.n_features) != model.n_features:
+            raise checkpoint.MismatchedCheckpoint(
+                f"checkpoint {latest.path} holds a model of {latest.settings['n_features']} features, "
+                f"this data has {model.n_features}; use another checkpoint directory"
+            )
+        aux = latest.arrays.get("aux")
+        return (latest.params, aux), latest.samples
 
     def _persist_checked(self, client, X, y):
         X = X.rechunk({1: -1})
@@ -184,7 +218,7 @@ class KMeans(ClusterMixin, _ASGDEstimator):
     def __init__(
         self, n_clusters=8, *, mode="asgd", learning_rate=1.0, batch_size=256, max_epochs=10,
         max_time=None, tol=1e-4, comm_interval="auto", message_size="auto", update_filter="parzen",
-        client=None, random_state=None, sample_dim=None,
+        client=None, random_state=None, sample_dim=None, checkpoint=None, resume=False,
     ):
         self.n_clusters = n_clusters
         self.mode = mode
@@ -199,6 +233,8 @@ class KMeans(ClusterMixin, _ASGDEstimator):
         self.client = client
         self.random_state = random_state
         self.sample_dim = sample_dim
+        self.checkpoint = checkpoint
+        self.resume = resume
 
     def fit(self, X, y=None):
         return self._fit(X, None)
@@ -272,7 +308,7 @@ class LinearRegression(RegressorMixin, _ASGDEstimator):
     def __init__(
         self, *, alpha=0.0, fit_intercept=True, mode="asgd", learning_rate=0.01, batch_size=256,
         max_epochs=10, max_time=None, tol=1e-4, comm_interval="auto", message_size="auto",
-        update_filter="parzen", client=None, random_state=None, sample_dim=None,
+        update_filter="parzen", client=None, random_state=None, sample_dim=None, checkpoint=None, resume=False,
     ):
         self.alpha = alpha
         self.fit_intercept = fit_intercept
@@ -288,6 +324,8 @@ class LinearRegression(RegressorMixin, _ASGDEstimator):
         self.client = client
         self.random_state = random_state
         self.sample_dim = sample_dim
+        self.checkpoint = checkpoint
+        self.resume = resume
 
     def fit(self, X, y):
         return self._fit(X, y)
@@ -340,7 +378,7 @@ class LogisticRegression(ClassifierMixin, _ASGDEstimator):
     def __init__(
         self, *, alpha=1e-4, fit_intercept=True, mode="asgd", learning_rate=0.1, batch_size=256,
         max_epochs=10, max_time=None, tol=1e-4, comm_interval="auto", message_size="auto",
-        update_filter="parzen", client=None, random_state=None, sample_dim=None,
+        update_filter="parzen", client=None, random_state=None, sample_dim=None, checkpoint=None, resume=False,
     ):
         self.alpha = alpha
         self.fit_intercept = fit_intercept
@@ -356,6 +394,8 @@ class LogisticRegression(ClassifierMixin, _ASGDEstimator):
         self.client = client
         self.random_state = random_state
         self.sample_dim = sample_dim
+        self.checkpoint = checkpoint
+        self.resume = resume
 
     def fit(self, X, y):
         return self._fit(X, y)

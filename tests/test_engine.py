@@ -59,7 +59,9 @@ def test_asgd_has_no_barrier_sync_has_one(client):
 
 def test_parzen_filter_accepts_and_rejects_on_a_cluster(client):
     X, y = make_classification(40_000, 20, n_informative=10, random_state=0)
-    est = LogisticRegression(random_state=0, comm_interval=1024, max_epochs=5, tol=None, client=client).fit(X, y)
+    # Trained by time, not epochs: five epochs take each worker ~30 ms, and under
+    # load the two might then not overlap at all.
+    est = LogisticRegression(random_state=0, comm_interval=1024, max_epochs=10_000, max_time=2.0, tol=None, client=client).fit(X, y)
     last = est.history_.isel(time=-1)
     assert int(last.accepted.sum()) > 0 and int(last.rejected.sum()) > 0
     # Every received state was judged exactly once by the filter.
@@ -68,20 +70,21 @@ def test_parzen_filter_accepts_and_rejects_on_a_cluster(client):
 
 def test_no_filter_accepts_everything(client):
     X, y = make_classification(40_000, 20, n_informative=10, random_state=0)
-    est = LogisticRegression(random_state=0, comm_interval=1024, max_epochs=5, tol=None, update_filter=None, client=client).fit(X, y)
+    est = LogisticRegression(random_state=0, comm_interval=1024, max_epochs=10_000, max_time=2.0, tol=None,
+                             update_filter=None, client=client).fit(X, y)
     last = est.history_.isel(time=-1)
     assert int(last.accepted.sum()) > 0 and int(last.rejected.sum()) == 0
 
 
 def test_message_slices_cover_the_state(client):
-    # 10 centres x 8 features = 80 parameters in slices of 32: keys 0, 1, 2 (32, 32, 16).
+    # 10 centres x 8 features = 80 parameters; at most 32 a message: the state
+    # goes in 2**2 = 4 equal slices of 20, round-robin.
     X = np.random.default_rng(1).normal(size=(20_000, 8))
-    est = KMeans(10, random_state=0, message_size=32, comm_interval=512, max_epochs=5, tol=None, client=client).fit(X)
+    est = KMeans(10, random_state=0, message_size=32, comm_interval=512, max_epochs=10_000, max_time=2.0, tol=None,
+                 client=client).fit(X)
     last = est.history_.isel(time=-1)
-    assert (last.message_size == 32).all()
-    delivered = last.messages_delivered.values
-    # Round-robin over 32, 32 and 16 parameters: between 16 and 32 x 8 bytes a message.
-    assert (last.bytes_sent.values >= delivered * 16 * 8).all() and (last.bytes_sent.values <= delivered * 32 * 8).all()
+    assert (last.message_size == 20).all()
+    np.testing.assert_array_equal(last.bytes_sent.values, last.messages_delivered.values * 20 * 8)
     assert int((last.accepted + last.rejected).sum()) > 0
 
 

@@ -20,6 +20,7 @@ from .. import config
 from ..balance._monitor import Monitor
 from ..channel import Channel
 from ..models import SGDModel
+from ._checkpointer import Checkpointer
 from ._data import Shard, place
 from ._history import build_history
 from ._spec import RunSpec
@@ -60,8 +61,15 @@ def fit(
     seed: int,
     auto_interval: bool = False,
     auto_size: bool = False,
+    start_from=None,
+    samples_before: int = 0,
+    checkpoint_dir=None,
 ) -> FitResult:
-    """Train ``model`` on X (and y) with the cluster behind ``client``."""
+    """Train ``model`` on X (and y) with the cluster behind ``client``.
+
+    ``start_from``: an initial ``(params, aux)`` (resuming) instead of one computed
+    from the data; ``checkpoint_dir``: where to write checkpoints while training.
+    """
     workers = sorted(client.scheduler_info()["workers"])
     if not workers:
         raise RuntimeError("the Dask cluster has no workers; start some (dask worker ADDRESS) and fit again")
@@ -73,7 +81,10 @@ def fit(
         client.register_plugin(Channel())
     shards = place(client, X, y, workers)
     n_samples = sum(s.n_rows for s in shards)
-    init = _initial_state(client, model, shards, n_samples, seed)
+    if start_from is None:
+        init = _initial_state(client, model, shards, n_samples, seed)
+    else:
+        (init,) = client.scatter([start_from], broadcast=True, hash=False)
     wait(init)  # the clock starts with training, not with the initial state
     spec = RunSpec(
         run_id=uuid.uuid4().hex[:12],
@@ -101,8 +112,17 @@ def fit(
         auto_size=auto_size,
         report_interval=float(config.get("balance.report-interval")),
         probe_interval=float(config.get("balance.probe-interval")),
+        share_state=checkpoint_dir is not None,
     )
-    finals, rows, adjustments = _run_chains(client, spec, shards, init)
+    keeper = None
+    if checkpoint_dir is not None:
+        keeper = Checkpointer(
+            checkpoint_dir, model=type(model).__name__, every=float(config.get("checkpoint.interval")),
+            samples_before=samples_before, settings={"n_features": int(getattr(model, "n_features", 0))},
+        )
+    finals, rows, adjustments = _run_chains(client, spec, shards, init, keeper)
+    if keeper is not None:
+        keeper.write()
 
     reasons = {w: r["stop_reason"] for w, r in finals.items()}
     diverged = [w for w, reason in reasons.items() if reason == "diverged"]
@@ -115,7 +135,8 @@ def fit(
     history = build_history(
         {s.address: rows[s.address] for s in shards},
         spec.history_interval,
-        attrs={"mode": mode, "run_id": spec.run_id, "model": type(model).__name__},
+        attrs={"mode": mode, "run_id": spec.run_id, "model": type(model).__name__,
+               "t0": spec.t0},  # wall-clock start of training: time 0 of history_
         adjustments=adjustments,
     )
     history["stop_reason"] = ("worker", [reasons[s.address] for s in shards])
@@ -142,7 +163,7 @@ def _initial_state(client, model, shards: list[Shard], n_samples: int, seed: int
     return client.submit(initial_state, model, samples, seed, workers=[shards[0].address], pure=False)
 
 
-def _run_chains(client, spec: RunSpec, shards: list[Shard], init):
+def _run_chains(client, spec: RunSpec, shards: list[Shard], init, keeper=None):
     """Keep ``CHAIN_DEPTH`` training tasks queued per worker until each worker stops."""
     links_made = [0] * len(shards)
     chains: list[deque] = [deque() for _ in shards]
@@ -177,6 +198,8 @@ def _run_chains(client, spec: RunSpec, shards: list[Shard], init):
             i = owner.pop(future.key)
             chains[i].popleft()
             rows[shards[i].address].extend(result["rows"])
+            if keeper is not None and "state" in result:
+                keeper.offer(shards[i].address, result["state"])
             adjustments.extend({"worker": shards[i].address, **a} for a in result.get("adjustments", ()))
             if result["done"]:
                 if not result.get("stale"):

@@ -39,6 +39,7 @@ class RunSpec:
     auto_size: bool = False
     report_interval: float = 0.5
     probe_interval: float = 1.0
+    share_state: bool = False  # send the state with every task result (for checkpoints)
     max_levels: int = 12
 
     @property

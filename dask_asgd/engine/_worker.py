@@ -15,7 +15,7 @@ from distributed import get_worker
 
 from ..channel import PayloadSpec, get_channel
 from ..filter import UpdateFilter
-from ..models._base import host_to
+from ..models._base import host_to, to_host
 from ._report import Reporter
 from ._spec import RunSpec
 
@@ -73,6 +73,8 @@ def train_segment(spec: RunSpec, worker_index: int, X_chunks, y_chunks, init, pr
     result: dict[str, Any] = {
         "worker": address, "rows": run.take_rows(), "adjustments": run.take_adjustments(), "done": run.done,
     }
+    if spec.share_state:
+        result["state"] = (to_host(run.params), None if run.aux is None else to_host(run.aux), run.samples)
     if run.done:
         result.update(params=run.params, samples=run.samples, stop_reason=run.stop_reason)
         run.close()

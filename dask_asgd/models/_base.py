@@ -67,4 +67,10 @@ def host_to(xp, values, like):
     return xp.asarray(values, device=device(like))
 
 
-__all__ = ["SGDModel", "array_namespace", "device", "squared_distances", "one_hot", "host_to"]
+def to_host(x) -> np.ndarray:
+    """A NumPy copy of an array from any namespace (CuPy keeps its data on the
+    device until asked with ``.get()``)."""
+    return x.get() if hasattr(x, "get") and not isinstance(x, np.ndarray) else np.array(x)
+
+
+__all__ = ["SGDModel", "array_namespace", "device", "squared_distances", "one_hot", "host_to", "to_host"]

@@ -1,0 +1,85 @@
+"""Checkpoints written during a fit, and resuming from them after a real crash."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import sklearn.cluster
+from sklearn.datasets import make_blobs
+
+from dask_asgd import KMeans
+from dask_asgd.checkpoint import CorruptCheckpoint, MismatchedCheckpoint, list_checkpoints, load
+
+
+def _blobs():
+    X, _ = make_blobs(60_000, 8, centers=10, random_state=5)
+    return X
+
+
+def test_killed_run_resumes_to_the_same_quality(tmp_path, client):
+    directory = tmp_path / "ckpt"
+    # A fit in its own process (and process group, embedded cluster included),
+    # killed with SIGKILL once its first checkpoint is on disk.
+    code = textwrap.dedent(f"""
+        import dask
+        from sklearn.datasets import make_blobs
+        from dask_asgd import KMeans
+        if __name__ == "__main__":
+            X, _ = make_blobs(60_000, 8, centers=10, random_state=5)
+            with dask.config.set({{"asgd.checkpoint.interval": 1.0, "asgd.local-cluster.n-workers": 2}}):
+                KMeans(10, random_state=0, max_epochs=100_000, tol=None, checkpoint={str(directory)!r}).fit(X)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not list_checkpoints(directory) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert list_checkpoints(directory), "the run wrote no checkpoint"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    first = load(list_checkpoints(directory)[0], model="KMeansModel")
+    assert first.samples > 0 and first.params.shape == (80,)
+
+    X = _blobs()
+    resumed = KMeans(10, random_state=0, max_epochs=3, tol=None, checkpoint=directory, resume=True, client=client).fit(X)
+    uninterrupted = KMeans(10, random_state=0, max_epochs=3, tol=None, client=client).fit(X)
+    reference = sklearn.cluster.KMeans(10, n_init=10, random_state=0).fit(X).inertia_
+    assert -resumed.score(X) <= 1.02 * reference
+    assert -resumed.score(X) <= 1.02 * -uninterrupted.score(X)
+    # The resumed fit went on writing checkpoints, counting the samples before the crash.
+    newest = load(list_checkpoints(directory)[0], model="KMeansModel")
+    assert newest.sequence > first.sequence and newest.samples > first.samples
+
+
+def test_truncated_checkpoint_is_refused(tmp_path, client):
+    X = _blobs()
+    KMeans(10, random_state=0, max_epochs=1, checkpoint=tmp_path, client=client).fit(X)
+    (path,) = list_checkpoints(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptCheckpoint, match=r"none of the 1 checkpoint\(s\) in .* can be read; delete the directory"):
+        KMeans(10, random_state=0, checkpoint=tmp_path, resume=True, client=client).fit(X)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path, client):
+    X = _blobs()
+    KMeans(10, random_state=0, max_epochs=1, checkpoint=tmp_path, client=client).fit(X)
+    with pytest.raises(MismatchedCheckpoint, match=r"holds 80 parameters, not 96"):
+        KMeans(12, random_state=0, checkpoint=tmp_path, resume=True, client=client).fit(X)
+
+
+def test_resume_needs_a_directory():
+    with pytest.raises(ValueError, match=r"resume=True needs checkpoint=DIR"):
+        KMeans(3, resume=True).fit(np.zeros((10, 2)))
+
+
+def test_resume_with_an_empty_directory_starts_afresh(tmp_path, client):
+    X = _blobs()
+    est = KMeans(10, random_state=0, max_epochs=1, checkpoint=tmp_path / "new", resume=True, client=client).fit(X)
+    assert est.n_iter_ >= 1 and list_checkpoints(tmp_path / "new")

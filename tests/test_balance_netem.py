@@ -1,0 +1,101 @@
+"""The balancer on a real emulated network: workers in their own network
+namespaces with tbf-limited links (dask_asgd.testing.netem). CI runs these as
+root and must not skip them."""
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from dask_asgd import KMeans
+from dask_asgd.testing.netem import EmulatedCluster, NetemUnavailable, check_available
+
+pytestmark = pytest.mark.netem
+
+try:
+    check_available()
+    REASON = None
+except NetemUnavailable as exc:
+    REASON = str(exc)
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    if REASON:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the network-emulation tests: {REASON}")
+        pytest.skip(f"network emulation unavailable: {REASON}")
+    with EmulatedCluster(n_workers=2, rate=None) as cluster, cluster.client() as client:
+        yield cluster, client
+
+
+def _fit(client, seconds):
+    # 500 centres x 32 features: a 128 KB state in float64.
+    X = np.random.default_rng(0).normal(size=(40_000, 32))
+    return KMeans(500, random_state=0, max_epochs=100_000, max_time=seconds, tol=None, client=client).fit(X).history_
+
+
+def _settled_interval(h, start, stop):
+    """Median over workers of each worker's median interval between two times."""
+    window = h.comm_interval.sel(time=slice(start, stop))
+    return float(np.nanmedian(window.median("time").values))
+
+
+def test_low_rate_raises_the_interval(emulated):
+    cluster, client = emulated
+    cluster.set_rate(None)
+    unshaped = _fit(client, 10.0)
+    cluster.set_rate("1mbit")
+    try:
+        shaped = _fit(client, 10.0)
+    finally:
+        cluster.set_rate(None)
+    free, slow = _settled_interval(unshaped, 5, 10), _settled_interval(shaped, 5, 10)
+    assert slow >= 2 * free, (free, slow)
+    # Bandwidth-bound: slices instead of the whole 16000-parameter state.
+    assert float(shaped.message_size.isel(time=-1).max()) < 16_000
+    assert shaped.sizes["adjustment"] >= 1
+
+
+def test_adapts_within_five_seconds_of_a_rate_drop(emulated):
+    cluster, client = emulated
+
+    def _trained_seconds(dask_scheduler):
+        # How long each run has been training, from its workers' reports. Nested,
+        # so it is pickled by value: the scheduler process cannot import tests.
+        monitor = dask_scheduler.plugins.get("dask-asgd-monitor")
+        if monitor is None:
+            return {}
+        return {run_id: min(t.last["elapsed"] for t in run.workers.values())
+                for run_id, run in monitor.runs.items() if run.workers}
+
+    cluster.set_rate("100mbit")
+    earlier_runs = set(client.run_on_scheduler(_trained_seconds))
+    result = {}
+    training = threading.Thread(target=lambda: result.setdefault("h", _fit(client, 20.0)))
+    training.start()
+    try:
+        # Drop the rate after 8 s of training, whatever the set-up took.
+        deadline = time.time() + 300
+        while time.time() < deadline and training.is_alive():
+            runs = client.run_on_scheduler(_trained_seconds)
+            if any(elapsed >= 8.0 for run_id, elapsed in runs.items() if run_id not in earlier_runs):
+                break
+            time.sleep(0.2)
+        dropped_at = time.time()
+        cluster.set_rate("1mbit")
+        training.join(timeout=300)
+    finally:
+        cluster.set_rate(None)
+    h = result["h"]
+    drop = dropped_at - h.attrs["t0"]  # the drop on history_'s time axis
+    assert 6 < drop < 14, drop
+    before = _settled_interval(h, drop - 3, drop)
+    after = h.comm_interval.sel(time=slice(drop, drop + 5.0))
+    # Within 5 s of the drop each worker's interval has at least doubled ...
+    assert (after.max("time") >= 2 * before).all(), (before, after.max("time").values)
+    # ... and its sends in flight are back under the bound (2 per peer).
+    late = h.in_flight.sel(time=slice(drop + 5.0, None))
+    assert float(late.max()) <= 2

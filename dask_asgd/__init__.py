@@ -7,7 +7,10 @@ only the states its own step moves towards.
 
 import importlib
 
-from . import config  # noqa: F401  (registers the asgd.* defaults in dask.config)
+from . import (
+    config,  # noqa: F401  (registers the asgd.* defaults in dask.config)
+    dashboard,  # noqa: F401  (adds the dashboard page and /metrics series to schedulers built after this import)
+)
 
 __version__ = "0.1.0"
 

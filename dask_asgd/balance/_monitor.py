@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -21,6 +22,9 @@ from ._law import Balancer, BalancerSettings, Report
 logger = logging.getLogger(__name__)
 
 MAX_RUNS = 8
+
+# Every running Monitor in this process, for readers such as the /metrics collector.
+MONITORS: weakref.WeakSet = weakref.WeakSet()
 
 
 @dataclass
@@ -71,8 +75,10 @@ class Monitor(SchedulerPlugin):
         self._settings = _settings_from_config()
         self._sends: set[asyncio.Task] = set()
         scheduler.stream_handlers[REPORT_OP] = self._on_report
+        MONITORS.add(self)
 
     async def close(self):
+        MONITORS.discard(self)
         self.scheduler.stream_handlers.pop(REPORT_OP, None)
 
     def _on_report(self, worker=None, report=None, **_):

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from dask_asgd.balance import Balancer, BalancerSettings, Report, fit_link, split_size
+from dask_asgd.balance import Balancer, Report, fit_link, split_size
 
 P = 2_000_000  # parameters: a 16 MB state in float64
 SPEED = 1.5e6  # samples/s of one worker

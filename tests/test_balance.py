@@ -149,6 +149,8 @@ def _monitor_state(dask_scheduler):
     monitor = dask_scheduler.plugins["dask-asgd-monitor"]
     return {
         "dropped": monitor.dropped,
+        "peers": {run_id: {w: t.last.get("peers", {}) for w, t in run.workers.items()} for run_id, run in monitor.runs.items()},
+        "dask_bandwidth": {run_id: monitor.dask_bandwidth(run_id) for run_id in monitor.runs},
         "runs": {run_id: {w: (len(t.reports), len(t.adjustments), t.done) for w, t in run.workers.items()}
                  for run_id, run in monitor.runs.items()},
     }
@@ -166,6 +168,12 @@ def test_monitor_collects_reports_and_balances_auto_runs(client):
     assert set(run) == set(h.worker.values)
     for reports, adjustments, done in run.values():
         assert reports >= 5 and done  # a report every 0.5 s, and a final one
+    # Per peer: each worker's link to the other, with a send time and a bandwidth.
+    for worker, peers in state["peers"][h.attrs["run_id"]].items():
+        (other,) = set(run) - {worker}
+        seconds, bandwidth = peers[other]
+        assert 0 < seconds < 5 and bandwidth > 0
+    assert isinstance(state["dask_bandwidth"][h.attrs["run_id"]], dict)
     # The balancer moved the interval away from the fixed default, and every
     # adjustment is in history_ with its reason.
     assert h.sizes["adjustment"] >= 1

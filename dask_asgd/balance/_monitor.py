@@ -144,6 +144,12 @@ class Monitor(SchedulerPlugin):
         """The newest run."""
         return next(reversed(self.runs.values()), None) if self.runs else None
 
+    def dask_bandwidth(self, run_id: str) -> dict[tuple[str, str], float]:
+        """Dask's own measured bandwidth (bytes/s) between the run's workers, from its
+        data transfers (``Scheduler.bandwidth_workers``), beside the channel's figures."""
+        workers = set(self.runs[run_id].workers)
+        return {pair: bw for pair, bw in self.scheduler.bandwidth_workers.items() if set(pair) <= workers}
+
 
 def _settings_from_config() -> BalancerSettings:
     keys = {

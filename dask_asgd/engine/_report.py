@@ -4,6 +4,7 @@ scheduler, never model data."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -59,6 +60,7 @@ class Reporter:
             "rejected": run.filter.rejected,
             "sends": self._new_sends(),
             "oldest_in_flight": self._oldest_in_flight(),
+            "peers": self._per_peer(),
             "done": done,
             "stop_reason": run.stop_reason,
             **run._channel_row(),
@@ -80,6 +82,17 @@ class Reporter:
             self._seen_sends[link.address] = link.logged
             sends.extend([b, s] for b, s in list(link.log)[len(link.log) - new:])
         return sends[-MAX_SENDS_PER_REPORT:]
+
+    def _per_peer(self) -> dict[str, list[float]]:
+        """Each peer's link: [median send seconds, bytes/s] over its recent sends."""
+        peers = {}
+        for link in self._links():
+            log = list(link.log)
+            if log:
+                seconds = sorted(s for _, s in log)
+                total = sum(s for _, s in log)
+                peers[link.address] = [seconds[len(seconds) // 2], sum(b for b, _ in log) / total if total > 0 else math.nan]
+        return peers
 
     def _oldest_in_flight(self) -> float:
         now = time.perf_counter()

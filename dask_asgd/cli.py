@@ -1,9 +1,45 @@
-"""The ``dask-asgd`` command line."""
+"""The ``dask-asgd`` command line: ``run`` a pipeline file, a ``demo``, ``bench`` suites."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
+
+from .errors import (
+    ConfigError,
+    DataError,
+    MissingFileError,
+    PipelineError,
+    SchedulerUnreachable,
+    TrainingFailed,
+)
+
+# Exit codes of `dask-asgd run`, one per kind of problem the user can fix.
+EXIT_CODES = {
+    ConfigError: 3,
+    MissingFileError: 4,
+    SchedulerUnreachable: 5,
+    DataError: 6,
+    TrainingFailed: 7,
+}
+INTERRUPTED = 130
+
+RUN_EPILOG = """\
+exit codes:
+  0    the pipeline ran and its outputs are written
+  1    an unexpected error (a bug: the traceback is printed; please report it)
+  2    bad command line (unknown option, --workers not a positive integer)
+  3    invalid pipeline file: TOML syntax, unknown section or key, bad value
+  4    a file or folder is missing or cannot be read or written (pipeline, data, --out)
+  5    the scheduler cannot be reached, or too few workers joined it in time
+  6    the data does not match the pipeline: unknown variable, dim or feature name
+  7    training failed (e.g. diverged, or the data holds NaN)
+  130  interrupted (Ctrl-C)
+
+Without --scheduler, an embedded LocalCluster on 127.0.0.1 runs the pipeline
+(--workers worker processes, default one per core, at most 4).
+"""
 
 
 def _demo(args) -> int:
@@ -29,6 +65,52 @@ def _demo(args) -> int:
     return 0
 
 
+def _run(args) -> int:
+    from .cluster import connect, dashboard_link
+    from .pipeline import Pipeline
+    from .progress import Progress
+
+    try:
+        pipeline = Pipeline.from_toml(args.pipeline)
+        pipeline.check()
+        out = pipeline.prepare_output(args.out)
+        print(f"pipeline {pipeline.name!r} from {args.pipeline}; outputs into {out}", flush=True)
+        with connect(args.scheduler, args.workers) as client:
+            workers = len(client.scheduler_info(n_workers=-1)["workers"])
+            where = args.scheduler or "an embedded LocalCluster"
+            print(f"cluster: {where}, scheduler {client.scheduler.address}, {workers} worker(s)", flush=True)
+            link = dashboard_link(client)
+            # The embedded scheduler lives in this process: without bokeh here its
+            # dashboard shows only an install hint.
+            hint = "" if args.scheduler or importlib.util.find_spec("bokeh") else \
+                ' (needs bokeh for the live plots: pip install "dask-asgd[dashboard]")'
+            print(f"dashboard: {link}{hint}" if link else "dashboard: not served by this scheduler", flush=True)
+            result = pipeline.run(client, out=out, progress=Progress(sys.stdout))
+    except PipelineError as e:
+        message = " ".join(str(e).split())  # one line, whatever the cause's text held
+        print(f"dask-asgd run: error: {message}", file=sys.stderr)
+        return next(code for cls, code in EXIT_CODES.items() if isinstance(e, cls))
+    except KeyboardInterrupt:
+        print("dask-asgd run: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    times = result.summary["times"]
+    print(f"done in {times['total'] + times.get('outputs', 0.0):.1f} s ("
+          + ", ".join(f"{k} {v:.1f} s" for k, v in times.items() if k != "total") + ")")
+    for what, path in result.files.items():
+        print(f"  {what}: {path}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def _bench_engine(args) -> int:
     from . import bench_engine
 
@@ -38,6 +120,19 @@ def _bench_engine(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dask-asgd", description="Asynchronous parallel SGD on Dask distributed.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser(
+        "run", help="run a pipeline file (source -> preprocessing -> training -> evaluation -> outputs)",
+        description="Run the pipeline in PIPELINE.toml and write the model, history, plot and summary into --out.",
+        epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("pipeline", metavar="PIPELINE.toml", help="the pipeline file, e.g. pipelines/kmeans_blobs.toml")
+    run.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler, e.g. tcp://127.0.0.1:8786 "
+                     "(default: start an embedded LocalCluster)")
+    run.add_argument("--workers", metavar="N", type=_positive_int,
+                     help="embedded cluster: worker processes to start; with --scheduler: workers to wait for")
+    run.add_argument("--out", metavar="DIR", help="output folder (default: [outputs] dir of the pipeline, else results/NAME)")
+    run.set_defaults(func=_run)
 
     demo = commands.add_parser("demo", help="fit K-Means on synthetic blobs on an embedded LocalCluster")
     demo.add_argument("--samples", type=int, default=1_000_000)

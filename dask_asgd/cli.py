@@ -117,6 +117,12 @@ def _bench_engine(args) -> int:
     return bench_engine.main(args)
 
 
+def _bench_balance(args) -> int:
+    from . import bench_balance
+
+    return bench_balance.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dask-asgd", description="Asynchronous parallel SGD on Dask distributed.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--batch-size", type=int, default=256)
     engine.add_argument("--json", help="also write the results to this JSON file")
     engine.set_defaults(func=_bench_engine)
+    balance = suites.add_parser(
+        "balance", help="auto balancing vs fixed settings on an emulated network (root: namespaces + tc tbf)"
+    )
+    balance.add_argument("--out", default="results/balance", help="folder for results.json, results.md and the plots")
+    balance.add_argument("--quick", action="store_true", help="3 intervals x 2 message sizes and a 15 s budget")
+    balance.add_argument("--budget", type=float, help="training seconds per run (default 30, or 15 with --quick)")
+    balance.set_defaults(func=_bench_balance)
     return parser
 
 

@@ -20,6 +20,7 @@ from .cluster import connect, dashboard_link
 from .errors import ConfigError, MissingFileError, TrainingFailed
 from .outputs import Outputs
 from .preprocessing import STEPS, SelectFeatures, Split, Standardize
+from .balance._monitor import live_progress
 from .progress import Progress
 from .sources import (
     SOURCES,
@@ -319,9 +320,9 @@ class Pipeline:
                         data = step.apply(data, cluster_client)
                     data = data.persist(cluster_client)
                     _wait(data)
-            max_time = self.train.params.get("max_time")
+            budget = TrainingBudget(self.train.params.get("max_time"), self.train.params.get("max_epochs", 10), data.X.shape[0])
             with progress.stage("train", f"{self.train.estimator} on {n_workers} worker(s)",
-                                heartbeat=lambda s: _training_heartbeat(s, max_time)):
+                                heartbeat=lambda s: _training_heartbeat(cluster_client, s, budget)):
                 est = self.train.run(data, cluster_client)
             _report_training(progress, est)
             metrics = self.evaluate.chosen(self.train.estimator, data.y is not None)
@@ -392,9 +393,32 @@ def _wait(data: Data) -> None:
     wait([a for a in (data.X, data.y, data.X_test, data.y_test) if a is not None])
 
 
-def _training_heartbeat(elapsed: float, max_time) -> str:
-    budget = f" (max_time {max_time:g} s, counted once the data is placed)" if max_time else ""
-    return f"training, {elapsed:.0f} s so far{budget}; live view on the dashboard"
+@dataclass(frozen=True)
+class TrainingBudget:
+    max_time: float | None
+    max_epochs: int | None
+    n_samples: int
+
+    def seconds_left(self, samples: float, rate: float, elapsed: float) -> float | None:
+        """At most this long still: max_time, or the epochs left at the current rate (tol may stop sooner)."""
+        left = [] if not self.max_time else [max(self.max_time - elapsed, 0.0)]
+        if self.max_epochs and rate > 0:
+            left.append(max(self.max_epochs * self.n_samples - samples, 0.0) / rate)
+        return min(left) if left else None
+
+
+def _training_heartbeat(client, elapsed: float, budget: TrainingBudget) -> str:
+    # The scheduler's monitor hears from every worker twice a second: ask it.
+    try:
+        live = client.run_on_scheduler(live_progress)
+    except Exception:
+        live = None
+    if not live or live["done"]:
+        return f"placing data and computing the initial state, {elapsed:.0f} s so far"
+    left = budget.seconds_left(live["samples"], live["samples_per_second"], live["elapsed"])
+    return (f"{live['samples']:,.0f} samples, {live['samples_per_second']:,.0f} samples/s, "
+            f"loss {live['loss']:.5g}, {live['elapsed']:.0f} s trained"
+            + ("" if left is None else f", at most {left:.0f} s left"))
 
 
 def _report_training(progress: Progress, est) -> None:

@@ -151,6 +151,31 @@ class Monitor(SchedulerPlugin):
         return {pair: bw for pair, bw in self.scheduler.bandwidth_workers.items() if set(pair) <= workers}
 
 
+def live_progress(dask_scheduler) -> dict | None:
+    """The newest run's progress, for ``client.run_on_scheduler``: samples so far,
+    samples/s over the last two reports of each worker, mean loss, seconds trained."""
+    monitor = dask_scheduler.plugins.get(Monitor.name)
+    run = None if monitor is None or not getattr(monitor, "runs", None) else monitor.latest()
+    if run is None or not run.workers:
+        return None
+    rate = 0.0
+    for track in run.workers.values():
+        if len(track.reports) >= 2:
+            a, b = track.reports[-2], track.reports[-1]
+            if b["elapsed"] > a["elapsed"]:
+                rate += (b["samples"] - a["samples"]) / (b["elapsed"] - a["elapsed"])
+    losses = [t.last["loss"] for t in run.workers.values() if math.isfinite(t.last["loss"])]
+    return {
+        "run_id": run.run_id,
+        "workers": len(run.workers),
+        "samples": sum(t.last["samples"] for t in run.workers.values()),
+        "samples_per_second": rate,
+        "loss": sum(losses) / len(losses) if losses else math.nan,
+        "elapsed": max(t.last["elapsed"] for t in run.workers.values()),
+        "done": run.done,
+    }
+
+
 def _settings_from_config() -> BalancerSettings:
     keys = {
         "cpu_share": "balance.target-cpu-share",

@@ -72,6 +72,8 @@ def _run(args) -> int:
 
     try:
         pipeline = Pipeline.from_toml(args.pipeline)
+        if args.resume:
+            pipeline = pipeline.resuming()
         pipeline.check()
         out = pipeline.prepare_output(args.out)
         print(f"pipeline {pipeline.name!r} from {args.pipeline}; outputs into {out}", flush=True)
@@ -137,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: start an embedded LocalCluster)")
     run.add_argument("--workers", metavar="N", type=_positive_int,
                      help="embedded cluster: worker processes to start; with --scheduler: workers to wait for")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the newest checkpoint in the [train] checkpoint folder")
     run.add_argument("--out", metavar="DIR", help="output folder (default: [outputs] dir of the pipeline, else results/NAME)")
     run.set_defaults(func=_run)
 

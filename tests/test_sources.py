@@ -23,6 +23,15 @@ def test_generators_build_chunks_from_their_own_seeds(client):
     np.testing.assert_array_equal(nearest, yc)
 
 
+def test_ordered_blobs_give_each_chunk_its_own_blobs():
+    X, y = datasets.make_blobs(8_000, 2, 10, chunk_rows=2_000, ordered=True, random_state=5)
+    chunks = [np.unique(part) for part in np.split(y.compute(), 4)]
+    # Chunk i of 4 holds the i-th quarter of the 10 blobs, and no other.
+    assert [c.tolist() for c in chunks] == [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9]]
+    unordered = datasets.make_blobs(8_000, 2, 10, chunk_rows=2_000, random_state=5)[1].compute()
+    assert all(np.unique(part).size == 10 for part in np.split(unordered, 4))
+
+
 def test_classification_separates_classes_only_in_informative_features():
     X, y = datasets.make_classification(40_000, 6, 3, n_informative=2, class_sep=2.0, chunk_rows=7_000, random_state=1)
     X, y = da.compute(X, y)

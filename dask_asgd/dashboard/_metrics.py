@@ -16,7 +16,7 @@ LABELS = ["worker", "run"]
 
 # name (without the _total of counters), kind, help, value from (report, point)
 SERIES = (
-    ("loss", "gauge", "Loss of the worker's current state on a fixed sample of its rows", lambda r, p: p["loss"]),
+    ("loss", "gauge", "Loss of the worker's current state on a fixed sample drawn from all workers' rows", lambda r, p: p["loss"]),
     ("samples", "counter", "Samples processed by the worker in this run", lambda r, p: r.get("samples")),
     ("samples_per_second", "gauge", "Samples processed per second, between the worker's last two reports", lambda r, p: p["samples_per_second"]),
     ("comm_interval", "gauge", "Samples between two sends of the worker's state", lambda r, p: p["comm_interval"]),

@@ -24,7 +24,7 @@ from ._checkpointer import Checkpointer
 from ._data import Shard, place
 from ._history import build_history
 from ._spec import RunSpec
-from ._worker import initial_state, sample_rows, train_segment
+from ._worker import initial_state, join_samples, sample_rows, train_segment
 
 # Links queued behind the running one, so a worker never idles waiting for the client.
 CHAIN_DEPTH = 2
@@ -82,10 +82,13 @@ def fit(
     shards = place(client, X, y, workers)
     n_samples = sum(s.n_rows for s in shards)
     if start_from is None:
-        init = _initial_state(client, model, shards, n_samples, seed)
+        init = client.submit(initial_state, model, _samples(client, shards, int(config.get("init.sample-size")), seed),
+                             seed, workers=[shards[0].address], pure=False)
     else:
         (init,) = client.scatter([start_from], broadcast=True, hash=False)
-    wait(init)  # the clock starts with training, not with the initial state
+    evaluation = client.submit(join_samples, _samples(client, shards, int(config.get("engine.eval-size")), seed + 7919),
+                               workers=[shards[0].address], pure=False)
+    wait([init, evaluation])  # the clock starts with training, not with the initial state
     spec = RunSpec(
         run_id=uuid.uuid4().hex[:12],
         mode=mode,
@@ -106,7 +109,6 @@ def fit(
         peers=tuple(s.address for s in shards),
         history_interval=float(config.get("engine.history-interval")),
         segment_seconds=float(config.get("engine.segment-seconds")),
-        eval_size=int(config.get("engine.eval-size")),
         sync_timeout=float(config.get("engine.sync-timeout")),
         auto_interval=auto_interval,
         auto_size=auto_size,
@@ -120,7 +122,7 @@ def fit(
             checkpoint_dir, model=type(model).__name__, every=float(config.get("checkpoint.interval")),
             samples_before=samples_before, settings={"n_features": int(getattr(model, "n_features", 0))},
         )
-    finals, rows, adjustments = _run_chains(client, spec, shards, init, keeper)
+    finals, rows, adjustments = _run_chains(client, spec, shards, init, evaluation, keeper)
     if keeper is not None:
         keeper.write()
 
@@ -150,20 +152,20 @@ def fit(
     )
 
 
-def _initial_state(client, model, shards: list[Shard], n_samples: int, seed: int):
-    # Each worker samples its own rows; only the samples travel, to one worker.
-    size = int(config.get("init.sample-size"))
-    samples = [
+def _samples(client, shards: list[Shard], size: int, seed: int) -> list:
+    """About ``size`` rows drawn across the workers, each share in proportion to
+    its rows; each worker samples its own rows, and only the samples travel."""
+    n_samples = sum(s.n_rows for s in shards)
+    return [
         client.submit(
             sample_rows, s.X, s.y, max(1, round(size * s.n_rows / n_samples)), seed + i,
             workers=[s.address], pure=False,
         )
         for i, s in enumerate(shards)
     ]
-    return client.submit(initial_state, model, samples, seed, workers=[shards[0].address], pure=False)
 
 
-def _run_chains(client, spec: RunSpec, shards: list[Shard], init, keeper=None):
+def _run_chains(client, spec: RunSpec, shards: list[Shard], init, evaluation, keeper=None):
     """Keep ``CHAIN_DEPTH`` training tasks queued per worker until each worker stops."""
     links_made = [0] * len(shards)
     chains: list[deque] = [deque() for _ in shards]
@@ -174,7 +176,7 @@ def _run_chains(client, spec: RunSpec, shards: list[Shard], init, keeper=None):
         shard = shards[i]
         previous = chains[i][-1] if chains[i] else None
         future = client.submit(
-            train_segment, spec, i, shard.X, shard.y, init, previous,
+            train_segment, spec, i, shard.X, shard.y, init, evaluation, previous,
             key=f"asgd-train-{spec.run_id}-{i}-{links_made[i]}",
             workers=[shard.address], allow_other_workers=False, pure=False,
         )

@@ -33,7 +33,6 @@ class RunSpec:
     peers: tuple[str, ...]
     history_interval: float
     segment_seconds: float
-    eval_size: int
     sync_timeout: float
     auto_interval: bool = False
     auto_size: bool = False

@@ -24,6 +24,7 @@ BALANCE_SPEC = PayloadSpec("int64", {0: (2,)})
 # Latency probes between peers: one number, read and dropped.
 PROBE_SPEC = PayloadSpec("float64", {0: (1,)})
 PROBE_PAYLOAD = np.zeros(1)
+STARTING_PROBES = 4
 
 # Runs live on the worker between the tasks of their chain. A finished run leaves
 # its id behind, so a task queued after the end returns at once instead of
@@ -42,20 +43,28 @@ def sample_rows(X_chunks, y_chunks, n_rows: int, seed: int):
     return xp.take(X, idx, axis=0), (None if y is None else xp.take(y, idx, axis=0))
 
 
-def initial_state(model, samples, seed: int):
-    """The one initial ``(params, aux)`` every worker starts from."""
+def join_samples(samples):
+    """One ``(X, y)`` from the workers' samples (for the init and the evaluation rows)."""
     xs = [s[0] for s in samples]
     xp = array_namespace(*xs)
     X = xp.concat(xs)
     y = None if samples[0][1] is None else xp.concat([s[1] for s in samples])
+    return X, y
+
+
+def initial_state(model, samples, seed: int):
+    """The one initial ``(params, aux)`` every worker starts from."""
+    X, y = join_samples(samples)
     return model.init_params(X, y, np.random.default_rng(seed))
 
 
-def train_segment(spec: RunSpec, worker_index: int, X_chunks, y_chunks, init, previous) -> dict:
+def train_segment(spec: RunSpec, worker_index: int, X_chunks, y_chunks, init, evaluation, previous) -> dict:
     """One link of a worker's training chain: train for ``spec.segment_seconds``.
 
-    ``previous`` (the last link's result) only orders the chain. Returns the
-    history rows since the last link and, once the run ends, the final state.
+    ``evaluation``: the ``(X, y)`` rows, sampled across all workers, that every
+    worker measures its loss on. ``previous`` (the last link's result) only
+    orders the chain. Returns the history rows since the last link and, once
+    the run ends, the final state.
     """
     address = get_worker().address
     slot = (spec.run_id, address)
@@ -63,7 +72,7 @@ def train_segment(spec: RunSpec, worker_index: int, X_chunks, y_chunks, init, pr
         return {"worker": address, "rows": [], "done": True, "stale": True}
     run = _RUNS.get(slot)
     if run is None:
-        run = _RUNS[slot] = WorkerRun(spec, worker_index, address, X_chunks, y_chunks, init)
+        run = _RUNS[slot] = WorkerRun(spec, worker_index, address, X_chunks, y_chunks, init, evaluation)
     run.spec = spec
     try:
         run.train(spec.segment_seconds)
@@ -106,7 +115,7 @@ class WorkerRun:
     done: bool
     stop_reason: str | None
 
-    def __init__(self, spec: RunSpec, worker_index: int, address: str, X_chunks, y_chunks, init):
+    def __init__(self, spec: RunSpec, worker_index: int, address: str, X_chunks, y_chunks, init, evaluation):
         self.spec = spec
         self.address = address
         self.X, self.y = _concat(X_chunks), _concat(y_chunks)
@@ -119,9 +128,10 @@ class WorkerRun:
         self.peer_rng = np.random.default_rng([spec.seed, worker_index, 1])
         self.filter = UpdateFilter(spec.update_filter)
 
-        eval_idx = host_to(self.xp, np.sort(self.rng.permutation(self.n_rows)[: spec.eval_size]), self.X)
-        self.X_eval = self.xp.take(self.X, eval_idx, axis=0)
-        self.y_eval = None if self.y is None else self.xp.take(self.y, eval_idx, axis=0)
+        # The same rows for every worker, drawn from all of them: losses compare
+        # across workers, and show how well a worker's state fits all the data
+        # even when each worker holds different parts of it.
+        self.X_eval, self.y_eval = evaluation
 
         self.samples = 0
         self.epoch = 0
@@ -151,6 +161,7 @@ class WorkerRun:
         self.channel = get_channel() if spec.communicates else None
         self.mailbox = self.balance_box = self.probe_box = None
         self._probe_due = 0.0
+        self.probes_sent = 0
         if self.channel is not None:
             self.mailbox = self.channel.subscribe(spec.topic, PayloadSpec(str(self.params.dtype), spec.slice_shapes()))
             if spec.mode == "asgd" and (spec.auto_interval or spec.auto_size):
@@ -315,7 +326,11 @@ class WorkerRun:
         peers = self._peers()
         if now < self._probe_due or not peers:
             return
-        self._probe_due = now + self.spec.probe_interval
+        # The first few go at every history row: the balancer can tell latency
+        # from bandwidth once it has timed a few probes and a state message.
+        self.probes_sent += 1
+        starting = self.probes_sent < STARTING_PROBES
+        self._probe_due = now + (0.0 if starting else self.spec.probe_interval)
         peer = peers[int(self.peer_rng.integers(len(peers)))]
         self.channel.publish(self.spec.probe_topic, peer, PROBE_PAYLOAD, key=0)
 

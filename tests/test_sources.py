@@ -24,7 +24,7 @@ def test_generators_build_chunks_from_their_own_seeds(client):
 
 
 def test_ordered_blobs_give_each_chunk_its_own_blobs():
-    X, y = datasets.make_blobs(8_000, 2, 10, chunk_rows=2_000, ordered=True, random_state=5)
+    _, y = datasets.make_blobs(8_000, 2, 10, chunk_rows=2_000, ordered=True, random_state=5)
     chunks = [np.unique(part) for part in np.split(y.compute(), 4)]
     # Chunk i of 4 holds the i-th quarter of the 10 blobs, and no other.
     assert [c.tolist() for c in chunks] == [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9]]

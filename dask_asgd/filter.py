@@ -19,7 +19,9 @@ def moves_towards(before, after, received) -> bool:
     xp = array_namespace(before, after, received)
     d_after = after - received
     d_before = before - received
-    return float(xp.sum(d_after * d_after)) < float(xp.sum(d_before * d_before))
+    # Compared where the states live: one 0-d boolean crosses to the host (one
+    # sync with a GPU), not two distances.
+    return bool(xp.sum(d_after * d_after) < xp.sum(d_before * d_before))
 
 
 @dataclass

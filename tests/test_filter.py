@@ -49,7 +49,18 @@ def test_unknown_filter_is_refused():
         UpdateFilter("median")
 
 
-def test_filter_in_array_api_strict():
+@pytest.mark.parametrize("device", ["CPU_DEVICE", "device1"])
+def test_filter_in_array_api_strict(device):
+    # "device1" stands in for a GPU: no implicit NumPy conversion, no mixing with
+    # the default device (see test_models.py).
     xp = array_api_strict
-    assert moves_towards(xp.asarray([0.0]), xp.asarray([1.0]), xp.asarray([2.0]))
-    assert not moves_towards(xp.asarray([0.0]), xp.asarray([1.0]), xp.asarray([-2.0]))
+    on = xp.Device(device)
+    rng = np.random.default_rng(2)
+    for _ in range(50):
+        before, after, received = rng.normal(size=(3, 10))
+        expected = moves_towards(before, after, received)
+        assert moves_towards(*(xp.asarray(a, device=on) for a in (before, after, received))) == expected
+    f = UpdateFilter("parzen")
+    assert f.accept(xp.asarray([0.0], device=on), xp.asarray([1.0], device=on), xp.asarray([2.0], device=on))
+    assert not f.accept(xp.asarray([0.0], device=on), xp.asarray([1.0], device=on), xp.asarray([-2.0], device=on))
+    assert (f.accepted, f.rejected) == (1, 1)

@@ -4,10 +4,26 @@
 import array_api_strict
 import numpy as np
 import pytest
+from array_api_compat import array_namespace, device
 
 from dask_asgd.models import KMeansModel, LinearModel, LogisticModel
+from dask_asgd.models._base import to_host
 
-NAMESPACES = [pytest.param(np, id="numpy"), pytest.param(array_api_strict, id="array_api_strict")]
+# array_api_strict's "device1" stands in for a GPU where there is none: its
+# arrays refuse np.asarray and any mixing with arrays on the default device, as
+# CuPy's do, so a scalar or index made without device= fails here too.
+STRICT_DEVICE = array_api_strict.Device("device1")
+
+
+def _on_strict_device(a):
+    return array_api_strict.asarray(a, device=STRICT_DEVICE)
+
+
+BACKENDS = [
+    pytest.param(np.asarray, id="numpy"),
+    pytest.param(array_api_strict.asarray, id="array_api_strict"),
+    pytest.param(_on_strict_device, id="array_api_strict-device1"),
+]
 
 
 def _data(seed=0, n=500, d=4):
@@ -83,7 +99,7 @@ def test_binary_logistic_is_two_class_softmax():
 
 def test_kmeans_step_is_running_mean():
     # With learning_rate 1 each centre becomes the mean of all points it was given.
-    rng, X = _data(n=64, d=2)
+    _, X = _data(n=64, d=2)
     model = KMeansModel(2, 2)
     C0 = np.array([[-5.0, 0.0], [5.0, 0.0]])
     counts = np.array([3.0, 5.0])
@@ -108,38 +124,80 @@ def test_kmeans_init_finds_separated_blobs():
     assert counts.sum() == 2000
 
 
-@pytest.mark.parametrize("xp", NAMESPACES)
-def test_models_train_in_any_array_namespace(xp):
+@pytest.mark.parametrize("to_backend", BACKENDS)
+def test_models_train_in_any_array_namespace(to_backend):
     rng, X_np = _data(n=2000, d=5)
     w = rng.normal(size=5)
-    X = xp.asarray(X_np)
+    X = to_backend(X_np)
+    xp = array_namespace(X)
     cases = [
-        (LinearModel(5), xp.asarray(X_np @ w + 1.0), 0.05, 1e-3),
-        (LogisticModel(5, 2), xp.asarray((X_np @ w > 0).astype(np.int64)), 0.5, 0.2),
-        (LogisticModel(5, 3), xp.asarray(np.digitize(X_np @ w, [-1.0, 1.0]).astype(np.int64)), 0.5, 0.4),
+        (LinearModel(5), to_backend(X_np @ w + 1.0), 0.05, 1e-3),
+        (LogisticModel(5, 2), to_backend((X_np @ w > 0).astype(np.int64)), 0.5, 0.2),
+        (LogisticModel(5, 3), to_backend(np.digitize(X_np @ w, [-1.0, 1.0]).astype(np.int64)), 0.5, 0.4),
         (KMeansModel(3, 5), None, 1.0, None),
     ]
     for model, y, lr, target in cases:
         params, aux = model.init_params(X, y, np.random.default_rng(0))
         start = model.loss(params, X, y)
         for i in range(200):
-            rows = xp.asarray(np.random.default_rng(i).integers(2000, size=128))
+            rows = to_backend(np.random.default_rng(i).integers(2000, size=128))
             yb = None if y is None else xp.take(y, rows, axis=0)
             params, aux = model.step(params, aux, xp.take(X, rows, axis=0), yb, lr)
         end = model.loss(params, X, y)
         assert type(params) is type(X), "the state must stay in the input's namespace"
+        assert device(params) == device(X), "the state must stay on the input's device"
+        assert aux is None or device(aux) == device(X)
         assert end < start or target is None
         if target is not None:
             assert end < target, type(model).__name__
         predictions = model.predict(params, X)
-        assert predictions.shape == (2000,)
+        assert predictions.shape == (2000,) and device(predictions) == device(X)
+        if isinstance(model, LogisticModel):
+            proba = model.predict_proba(params, X)
+            assert proba.shape == (2000, model.n_classes) and device(proba) == device(X)
 
 
-def test_namespaces_agree_numerically():
+def _agreement_cases(rng, X):
+    """Every model with data, a state and an aux to take one step from."""
+    n, d = X.shape
+    w = rng.normal(size=d)
+    kmeans = KMeansModel(4, d)
+    return [
+        ("linear", LinearModel(d, alpha=0.1), X @ w + 0.5, rng.normal(size=d + 1), None),
+        ("logistic-binary", LogisticModel(d, 2, alpha=0.01), (X @ w > 0).astype(np.int64), rng.normal(size=d + 1), None),
+        ("logistic-multinomial", LogisticModel(d, 3, alpha=0.01), rng.integers(3, size=n), rng.normal(size=3 * (d + 1)), None),
+        ("kmeans", kmeans, None, rng.normal(size=kmeans.n_params), rng.integers(1, 20, size=4).astype(float)),
+    ]
+
+
+@pytest.mark.parametrize("to_backend", BACKENDS)
+def test_namespaces_agree_numerically(to_backend):
+    # step, loss, predict and (K-Means) the init give NumPy's numbers in any namespace.
     rng, X_np = _data(n=300, d=3)
-    y_np = (X_np[:, 0] > 0).astype(np.int64)
-    model = LogisticModel(3, 2)
-    params = rng.normal(size=model.n_params)
-    a, _ = model.step(params, None, X_np, y_np, 0.3)
-    b, _ = model.step(array_api_strict.asarray(params), None, array_api_strict.asarray(X_np), array_api_strict.asarray(y_np), 0.3)
-    np.testing.assert_allclose(a, np.asarray(b), rtol=1e-13)
+    X = to_backend(X_np)
+    for name, model, y_np, params_np, aux_np in _agreement_cases(rng, X_np):
+        y = None if y_np is None else to_backend(y_np)
+        aux = None if aux_np is None else to_backend(aux_np)
+        expected, expected_aux = model.step(params_np, aux_np, X_np, y_np, 0.3)
+        got, got_aux = model.step(to_backend(params_np), aux, X, y, 0.3)
+        np.testing.assert_allclose(to_host(got), expected, rtol=1e-12, err_msg=name)
+        if aux_np is not None:
+            np.testing.assert_allclose(to_host(got_aux), expected_aux, rtol=1e-12, err_msg=name)
+        assert model.loss(to_backend(params_np), X, y) == pytest.approx(model.loss(params_np, X_np, y_np), rel=1e-12), name
+        np.testing.assert_array_equal(to_host(model.predict(to_backend(params_np), X)), model.predict(params_np, X_np), err_msg=name)
+    model = KMeansModel(4, 3)
+    expected, expected_counts = model.init_params(X_np, None, np.random.default_rng(5))
+    got, got_counts = model.init_params(X, None, np.random.default_rng(5))
+    np.testing.assert_allclose(to_host(got), expected, rtol=1e-10)
+    np.testing.assert_array_equal(to_host(got_counts), expected_counts)
+
+
+@pytest.mark.parametrize("to_backend", BACKENDS)
+def test_to_host_copies_from_any_namespace_and_device(to_backend):
+    values = np.arange(6.0).reshape(2, 3)
+    a = to_backend(values)
+    host = to_host(a)
+    assert type(host) is np.ndarray
+    np.testing.assert_array_equal(host, values)
+    host[0, 0] = -1.0  # a copy: the source is untouched
+    assert to_host(a)[0, 0] == 0.0

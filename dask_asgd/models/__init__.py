@@ -6,4 +6,4 @@ from .kmeans import KMeansModel
 from .linear import LinearModel
 from .logistic import LogisticModel
 
-__all__ = ["SGDModel", "KMeansModel", "LinearModel", "LogisticModel"]
+__all__ = ["KMeansModel", "LinearModel", "LogisticModel", "SGDModel"]

@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace, device
+from array_api_compat import array_namespace, device, is_cupy_array
 
 
 class SGDModel(ABC):
@@ -53,7 +53,7 @@ def squared_distances(xp, X, C):
     x2 = xp.sum(X * X, axis=1)
     c2 = xp.sum(C * C, axis=1)
     d2 = x2[:, None] - 2.0 * (X @ C.T) + c2[None, :]
-    return xp.maximum(d2, xp.asarray(0.0, dtype=d2.dtype))
+    return xp.maximum(d2, xp.asarray(0.0, dtype=d2.dtype, device=device(d2)))
 
 
 def one_hot(xp, labels, n_classes: int, dtype):
@@ -68,9 +68,16 @@ def host_to(xp, values, like):
 
 
 def to_host(x) -> np.ndarray:
-    """A NumPy copy of an array from any namespace (CuPy keeps its data on the
-    device until asked with ``.get()``)."""
-    return x.get() if hasattr(x, "get") and not isinstance(x, np.ndarray) else np.array(x)
+    """A NumPy copy of an array from any namespace and device.
+
+    Device arrays refuse ``np.asarray`` (CuPy: "Implicit conversion to a NumPy
+    array is not allowed"), so each is asked explicitly: CuPy with ``.get()``,
+    other libraries through DLPack."""
+    if is_cupy_array(x):
+        return x.get()
+    if isinstance(x, np.ndarray) or not hasattr(x, "__dlpack__"):
+        return np.array(x)
+    return np.from_dlpack(x).copy()
 
 
-__all__ = ["SGDModel", "array_namespace", "device", "squared_distances", "one_hot", "host_to", "to_host"]
+__all__ = ["SGDModel", "array_namespace", "device", "host_to", "one_hot", "squared_distances", "to_host"]

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import math
 
-from ._base import SGDModel, array_namespace, host_to, one_hot, squared_distances
+from ._base import (
+    SGDModel,
+    array_namespace,
+    device,
+    host_to,
+    one_hot,
+    squared_distances,
+)
 
 
 class KMeansModel(SGDModel):
@@ -59,8 +66,8 @@ class KMeansModel(SGDModel):
         batch_counts = xp.sum(member, axis=0)
         sums = member.T @ X
         counts = aux + batch_counts
-        safe_batch = xp.maximum(batch_counts, xp.asarray(1.0, dtype=X.dtype))
-        safe_counts = xp.maximum(counts, xp.asarray(1.0, dtype=X.dtype))
+        safe_batch = xp.maximum(batch_counts, xp.asarray(1.0, dtype=X.dtype, device=device(X)))
+        safe_counts = xp.maximum(counts, xp.asarray(1.0, dtype=X.dtype, device=device(X)))
         eta = learning_rate * batch_counts / safe_counts
         C_new = C + eta[:, None] * (sums / safe_batch[:, None] - C)
         return xp.reshape(C_new, (-1,)), counts
@@ -104,7 +111,7 @@ class KMeansModel(SGDModel):
             member = one_hot(xp, labels, self.n_clusters, X.dtype)
             counts = xp.sum(member, axis=0)
             sums = member.T @ X
-            safe = xp.maximum(counts, xp.asarray(1.0, dtype=X.dtype))
+            safe = xp.maximum(counts, xp.asarray(1.0, dtype=X.dtype, device=device(X)))
             # An empty cluster keeps its centre rather than collapsing to zero.
             C = xp.where((counts > 0)[:, None], sums / safe[:, None], C)
         d2 = squared_distances(xp, X, C)

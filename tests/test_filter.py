@@ -61,6 +61,7 @@ def test_filter_in_array_api_strict(device):
         expected = moves_towards(before, after, received)
         assert moves_towards(*(xp.asarray(a, device=on) for a in (before, after, received))) == expected
     f = UpdateFilter("parzen")
-    assert f.accept(xp.asarray([0.0], device=on), xp.asarray([1.0], device=on), xp.asarray([2.0], device=on))
-    assert not f.accept(xp.asarray([0.0], device=on), xp.asarray([1.0], device=on), xp.asarray([-2.0], device=on))
+    before, after = xp.asarray([10.0, 1.0], device=on), xp.asarray([10.5, 1.0], device=on)
+    assert f.accept(before, after, xp.asarray([10.8, 1.0], device=on))
+    assert not f.accept(before, after, xp.asarray([9.8, 1.0], device=on))
     assert (f.accepted, f.rejected) == (1, 1)

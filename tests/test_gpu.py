@@ -162,6 +162,17 @@ def test_channel_sends_arrays_of_another_device(client):
     _check_channel_round_trip(client, "strict", "array_api_strict")
 
 
+def test_payload_spec_refuses_another_array_type_or_device():
+    # What a worker whose state is on a device subscribes with: a payload it
+    # could not compute with is dropped at the door, not in its training loop.
+    state = _on_device("strict", np.zeros(3))
+    spec = PayloadSpec("float64", {0: (3,)}, array_type=type(state), device=device(state))
+    assert spec.problem(0, _on_device("strict", np.ones(3)), {}) is None
+    assert spec.problem(0, np.ones(3), {}) == "array type numpy.ndarray != expected array_api_strict.Array"
+    on_cpu = array_api_strict.asarray(np.ones(3))
+    assert spec.problem(0, on_cpu, {}) == f"device {device(on_cpu)} != expected {STRICT_DEVICE}"
+
+
 # -- on a GPU -----------------------------------------------------------------------------
 def _model_cases(rng, X):
     """Every model with its targets, a state and an aux to take one step from."""

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 
 import dask.array as da
 import numpy as np
 import xarray as xr
-from array_api_compat import array_namespace, device
+from array_api_compat import array_namespace, device, is_array_api_obj
 from distributed import Client, LocalCluster, get_client
 from sklearn.base import BaseEstimator, ClassifierMixin, ClusterMixin, RegressorMixin
 
@@ -23,6 +24,7 @@ from ._validation import (
     check_positive,
 )
 from .models import KMeansModel, LinearModel, LogisticModel
+from .models._base import host_to, to_host
 
 _COMMON_DOC = """
     mode : {"asgd", "sync", "simuparallel", "sequential"}, default "asgd"
@@ -110,12 +112,26 @@ class _ASGDEstimator(BaseEstimator):
                 start_from=start_from, samples_before=samples_before, checkpoint_dir=self.checkpoint,
             )
         self.model_ = model
-        self.params_ = result.params
+        self.params_ = _in_type_of(result.params, X)
         self.history_ = result.history
         self.n_iter_ = result.n_iter
         self.n_features_in_ = X.shape[1]
         self._set_fitted_attributes()
         return self
+
+    def to_numpy(self):
+        """A copy of this fitted estimator whose fitted arrays are NumPy arrays.
+
+        Fitted attributes come in the input's array type: CuPy input, or a dask
+        array of CuPy chunks, gives CuPy ``cluster_centers_``, ``coef_``, ... on
+        the GPU. The copy is for code that needs NumPy (``numpy.savez``,
+        scikit-learn's metrics); this estimator keeps its own."""
+        self._check_is_fitted()
+        converted = copy.copy(self)
+        for name, value in vars(self).items():
+            if name.endswith("_") and is_array_api_obj(value):
+                setattr(converted, name, to_host(value))
+        return converted
 
     def _resume_point(self, model, dtype):
         """``(initial state, samples already seen)`` from the newest checkpoint, or
@@ -178,11 +194,10 @@ class _ASGDEstimator(BaseEstimator):
             raise ValueError(f"X has {raw.shape[1]} features but {type(self).__name__} was fitted with {self.n_features_in_}")
         fn = getattr(self.model_, method)
         if isinstance(raw, da.Array):
-            params = np.asarray(self.params_)
-            out = raw.map_blocks(lambda block: fn(params, block), dtype=dtype, drop_axis=1)
+            params = to_host(self.params_)
+            out = raw.map_blocks(lambda block: fn(_params_for(params, block), block), dtype=dtype, drop_axis=1)
         else:
-            xp = array_namespace(raw)
-            out = fn(xp.asarray(self.params_, device=device(raw)), raw)
+            out = fn(_params_for(self.params_, raw), raw)
         return out
 
     def _wrap(self, values, X, name: str):
@@ -272,11 +287,9 @@ class KMeans(ClusterMixin, _ASGDEstimator):
         raw = as_2d_samples(X, self.sample_dim)
         centers = self.cluster_centers_
         if isinstance(raw, da.Array):
-            C = np.asarray(centers)
-            return raw.map_blocks(lambda b: np.sqrt(((b[:, None, :] - C[None]) ** 2).sum(-1)), chunks=(raw.chunks[0], (C.shape[0],)))
-        xp = array_namespace(raw)
-        C = xp.asarray(centers, device=device(raw))
-        return xp.sqrt(xp.sum((raw[:, None, :] - C[None, :, :]) ** 2, axis=2))
+            C = to_host(centers)
+            return raw.map_blocks(lambda b: _distances(b, _params_for(C, b)), chunks=(raw.chunks[0], (C.shape[0],)))
+        return _distances(raw, _params_for(centers, raw))
 
     def score(self, X, y=None):
         """Minus the inertia (sum of squared distances to the nearest centre), as scikit-learn."""
@@ -410,11 +423,11 @@ class LogisticRegression(ClassifierMixin, _ASGDEstimator):
         # Labels -> class indices 0..K-1. Called inside the client context for
         # dask inputs, so unique() runs on the cluster, not in this process.
         if isinstance(y, da.Array):
-            classes = np.unique(da.unique(y).compute())
+            classes = da.unique(y).compute()  # sorted, in the chunks' array type
         else:
             xp = array_namespace(y)
             classes, indices = np.unique(y, return_inverse=True) if isinstance(y, np.ndarray) else xp.unique_inverse(y)
-        host_classes = np.asarray(classes)
+        host_classes = to_host(classes)
         if host_classes.dtype.kind == "f" and not np.isfinite(host_classes).all():
             raise ValueError("y contains NaN or inf; drop those rows before fit")
         if len(host_classes) < 2:
@@ -425,7 +438,7 @@ class LogisticRegression(ClassifierMixin, _ASGDEstimator):
         return xp.astype(xp.asarray(indices, device=device(y)), xp.int64)
 
     def _make_model(self, n_features):
-        return LogisticModel(n_features, len(self.classes_), alpha=float(self.alpha), fit_intercept=bool(self.fit_intercept))
+        return LogisticModel(n_features, self.classes_.shape[0], alpha=float(self.alpha), fit_intercept=bool(self.fit_intercept))
 
     def _set_fitted_attributes(self):
         W, b = self.model_.unpack(self.params_)
@@ -435,17 +448,16 @@ class LogisticRegression(ClassifierMixin, _ASGDEstimator):
     def predict(self, X):
         index = self._apply(X, "predict", np.int64)
         classes = self.classes_
-        labels = index.map_blocks(lambda b: np.asarray(classes)[b], dtype=classes.dtype) if isinstance(index, da.Array) else _take_classes(classes, index)
+        labels = index.map_blocks(lambda b: _take_classes(classes, b), dtype=classes.dtype) if isinstance(index, da.Array) else _take_classes(classes, index)
         return self._wrap(labels, X, "label")
 
     def predict_proba(self, X):
         self._check_is_fitted()
         raw = as_2d_samples(X, self.sample_dim)
         if isinstance(raw, da.Array):
-            params, model = np.asarray(self.params_), self.model_
-            return raw.map_blocks(lambda b: model.predict_proba(params, b), chunks=(raw.chunks[0], (len(self.classes_),)), dtype=np.float64)
-        xp = array_namespace(raw)
-        return self.model_.predict_proba(xp.asarray(self.params_, device=device(raw)), raw)
+            params, model = to_host(self.params_), self.model_
+            return raw.map_blocks(lambda b: model.predict_proba(_params_for(params, b), b), chunks=(raw.chunks[0], (self.classes_.shape[0],)), dtype=np.float64)
+        return self.model_.predict_proba(_params_for(self.params_, raw), raw)
 
     def score(self, X, y):
         """Mean accuracy."""
@@ -461,6 +473,25 @@ def _n_init(setting, n_clusters: int) -> int:
     if setting == "auto":
         return 3 if n_clusters <= 100 else 1
     return int(setting)
+
+
+def _in_type_of(values, X):
+    """NumPy ``values`` in X's namespace and on its device; for a dask array,
+    its chunks' (CuPy chunks give CuPy)."""
+    like = X._meta if isinstance(X, da.Array) else X
+    return host_to(array_namespace(like), values, like)
+
+
+def _params_for(params, X):
+    """Fitted arrays where X is, which need not be where the fit ran."""
+    if type(params) is type(X) and device(params) == device(X):
+        return params
+    return host_to(array_namespace(X), to_host(params), X)
+
+
+def _distances(X, C):
+    xp = array_namespace(X, C)
+    return xp.sqrt(xp.sum((X[:, None, :] - C[None, :, :]) ** 2, axis=2))
 
 
 def _take_classes(classes, index):

@@ -4,6 +4,7 @@ a real cluster (reports arrive, malformed ones are dropped, settings go back).""
 import math
 import random
 
+import dask
 import numpy as np
 import pytest
 
@@ -182,7 +183,7 @@ def test_monitor_collects_reports_and_balances_auto_runs(client):
     # adjustment is in history_ with its reason.
     assert h.sizes["adjustment"] >= 1
     assert all(reason for reason in h.adjustment_reason.values)
-    assert (h.comm_interval.isel(time=-1) != 32768).any()
+    assert (h.comm_interval.isel(time=-1) != dask.config.get("asgd.comm-interval-default")).any()
     assert set(h.adjustment_worker.values) <= set(h.worker.values)
     # What the workers applied is what history_ shows at the end.
     for worker in h.worker.values:

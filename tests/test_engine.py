@@ -87,9 +87,9 @@ def test_message_slices_cover_the_state(client):
     assert int((last.accepted + last.rejected).sum()) > 0
 
 
-def test_worker_joining_mid_fit_breaks_nothing():
+def test_worker_joining_mid_fit_takes_part_from_a_peers_state():
     # A worker that joins while a fit runs gets the channel (worker plugins reach
-    # late joiners) and the running fit carries on undisturbed.
+    # late joiners), rows off the busiest worker and that worker's current state.
     import threading
 
     from distributed import Client, LocalCluster
@@ -100,7 +100,7 @@ def test_worker_joining_mid_fit_breaks_nothing():
             result = {}
 
             def fit():
-                result["est"] = LogisticRegression(random_state=0, max_epochs=100_000, max_time=4.0, tol=None, client=client).fit(X, y)
+                result["est"] = LogisticRegression(random_state=0, max_epochs=100_000, max_time=8.0, tol=None, client=client).fit(X, y)
 
             training = threading.Thread(target=fit)
             training.start()
@@ -111,8 +111,14 @@ def test_worker_joining_mid_fit_breaks_nothing():
             newcomer = (set(client.scheduler_info()["workers"]) - before).pop()
             has_channel = client.run(lambda dask_worker: "dask-asgd-channel" in dask_worker.plugins, workers=[newcomer])
     est = result["est"]
+    h = est.history_
     assert has_channel == {newcomer: True}
-    assert set(est.history_.stop_reason.values) == {"max_time"}
-    assert newcomer not in est.history_.worker.values
+    assert set(h.stop_reason.values) == {"max_time"}
+    assert list(h.event.values) == ["joined"] and h.event_worker.values[0] == newcomer
+    mine = h.sel(worker=newcomer).dropna("time", subset=["loss"])
+    assert float(mine.samples[-1]) > 0
+    # It started from a peer's trained state, not from the initial one.
+    first_loss = float(h.loss.isel(time=0).max())
+    assert float(mine.loss[0]) < first_loss, (float(mine.loss[0]), first_loss)
     reference = sklearn.linear_model.LogisticRegression().fit(X, y).score(X, y)
     assert est.score(X, y) >= reference - 0.01

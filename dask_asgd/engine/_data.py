@@ -3,7 +3,8 @@ engine trains each worker on the rows it holds and never moves them again."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import dask.array as da
 from array_api_compat import array_namespace, device
@@ -12,12 +13,18 @@ from distributed import Client, Future, futures_of, wait
 
 @dataclass
 class Shard:
-    """The chunks of X (and y) that one worker trains on."""
+    """The chunks of X (and y) that one worker trains on.
+
+    ``rows``: for arrays the client holds (NumPy), which of their rows the
+    chunks are, so they can be sent again if the worker dies with them; chunks
+    of dask arrays are computed again by the scheduler instead."""
 
     address: str
     X: list[Future]
     y: list[Future] | None
     n_rows: int
+    chunk_rows: list[int] = field(default_factory=list)
+    rows: Any = None
 
 
 def place(client: Client, X, y, workers: list[str]) -> list[Shard]:
@@ -43,7 +50,8 @@ def _scatter(client, X, y, workers):
         y_part = None if y is None else xp.take(y, rows, axis=0)
         parts = [X_part] if y is None else [X_part, y_part]
         futures = client.scatter(parts, workers=[address], hash=False)
-        shards.append(Shard(address, [futures[0]], None if y is None else [futures[1]], X_part.shape[0]))
+        shards.append(Shard(address, [futures[0]], None if y is None else [futures[1]], X_part.shape[0],
+                            [X_part.shape[0]], rows))
     return shards
 
 
@@ -75,5 +83,58 @@ def _locate(client, X, y, workers):
         if y is not None:
             shard.y.append(y_futures[y_keys[i]])
         shard.n_rows += rows
+        shard.chunk_rows.append(rows)
     return [by_worker[w] for w in workers if by_worker[w].n_rows > 0]
 
+
+
+def scatter_rows(client: Client, X, y, rows, address: str) -> Shard:
+    """The given rows of in-memory ``X`` (and ``y``) as a one-chunk shard on ``address``."""
+    xp = array_namespace(X)
+    parts = [xp.take(X, rows, axis=0)] + ([] if y is None else [xp.take(y, rows, axis=0)])
+    futures = client.scatter(parts, workers=[address], hash=False)
+    n = int(rows.shape[0])
+    return Shard(address, [futures[0]], None if y is None else [futures[1]], n, [n], rows)
+
+
+def take_rows(chunk, start: int, stop: int):
+    return chunk[start:stop]
+
+
+def split_shard(client: Client, shard: Shard, to: str, source=None) -> tuple[Shard, Shard | None]:
+    """``shard`` in two, (kept, given to worker ``to``), about half its rows each;
+    ``given`` is ``None`` when a shard of one row cannot be split. Rows the client
+    holds (``source``: its ``(X, y)``) are sent again; otherwise whole chunks
+    move, or the one chunk is cut by tasks on its worker."""
+    if shard.n_rows < 2:
+        return shard, None
+    if shard.rows is not None and source is not None:
+        half = shard.rows.shape[0] // 2
+        X, y = source
+        return (scatter_rows(client, X, y, shard.rows[:half], shard.address),
+                scatter_rows(client, X, y, shard.rows[half:], to))
+    if len(shard.X) > 1:
+        cut = len(shard.X) // 2
+        pieces = [(shard.X[:cut], None if shard.y is None else shard.y[:cut], shard.chunk_rows[:cut]),
+                  (shard.X[cut:], None if shard.y is None else shard.y[cut:], shard.chunk_rows[cut:])]
+    else:
+        n = shard.chunk_rows[0]
+        halves = [(0, n // 2), (n // 2, n)]
+        cut = [[client.submit(take_rows, part[0], a, b, workers=[shard.address], pure=False) for a, b in halves]
+               for part in ([shard.X] if shard.y is None else [shard.X, shard.y])]
+        pieces = [([cut[0][k]], None if shard.y is None else [cut[1][k]], [b - a]) for k, (a, b) in enumerate(halves)]
+    kept, given = (Shard(address, X, y, sum(rows), rows) for address, (X, y, rows) in zip((shard.address, to), pieces))
+    return kept, given
+
+
+def merge_shards(client: Client, heir: Shard, lost: Shard, source=None) -> Shard:
+    """``heir`` with the rows of ``lost`` (whose worker died) added: sent again
+    from the client where it holds them, else left to the scheduler to compute
+    again from their graph."""
+    if lost.rows is not None and source is not None:
+        lost = scatter_rows(client, *source, lost.rows, heir.address)
+    rows = None
+    if heir.rows is not None and lost.rows is not None:
+        rows = array_namespace(heir.rows).concat([heir.rows, lost.rows])
+    return Shard(heir.address, heir.X + lost.X, None if heir.y is None else heir.y + lost.y,
+                 heir.n_rows + lost.n_rows, heir.chunk_rows + lost.chunk_rows, rows)

@@ -7,27 +7,24 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import xarray as xr
 from array_api_compat import array_namespace
-from distributed import Client, as_completed, wait
+from distributed import Client, wait
 
 from .. import config
 from ..balance._monitor import Monitor
 from ..channel import Channel
 from ..models import SGDModel
+from ._chains import ChainKeeper
 from ._checkpointer import Checkpointer
 from ._data import Shard, place
 from ._history import build_history
 from ._spec import RunSpec
-from ._worker import initial_state, join_samples, sample_rows, train_segment
-
-# Links queued behind the running one, so a worker never idles waiting for the client.
-CHAIN_DEPTH = 2
+from ._worker import initial_state, join_samples, sample_rows
 
 
 @dataclass
@@ -122,7 +119,10 @@ def fit(
             checkpoint_dir, model=type(model).__name__, every=float(config.get("checkpoint.interval")),
             samples_before=samples_before, settings={"n_features": int(getattr(model, "n_features", 0))},
         )
-    finals, rows, adjustments = _run_chains(client, spec, shards, init, evaluation, keeper)
+    source = None if any(s.rows is None for s in shards) else (X, y)
+    chains = ChainKeeper(client, spec, shards, init, evaluation, checkpointer=keeper, source=source,
+                         admit_newcomers=mode in ("asgd", "simuparallel"))
+    finals, rows, adjustments, events = chains.run()
     if keeper is not None:
         keeper.write()
 
@@ -135,16 +135,17 @@ def fit(
         )
     samples = {w: r["samples"] for w, r in finals.items()}
     history = build_history(
-        {s.address: rows[s.address] for s in shards},
+        rows,
         spec.history_interval,
         attrs={"mode": mode, "run_id": spec.run_id, "model": type(model).__name__,
                "t0": spec.t0},  # wall-clock start of training: time 0 of history_
         adjustments=adjustments,
+        events=events,
     )
-    history["stop_reason"] = ("worker", [reasons[s.address] for s in shards])
+    history["stop_reason"] = ("worker", [reasons.get(w, "lost") for w in rows])
     total = sum(samples.values())
     return FitResult(
-        params=_average([finals[s.address]["params"] for s in shards], [samples[s.address] for s in shards]),
+        params=_average([f["params"] for f in finals.values()], list(samples.values())),
         history=history,
         samples=total,
         n_iter=max(1, round(total / n_samples)),
@@ -163,58 +164,6 @@ def _samples(client, shards: list[Shard], size: int, seed: int) -> list:
         )
         for i, s in enumerate(shards)
     ]
-
-
-def _run_chains(client, spec: RunSpec, shards: list[Shard], init, evaluation, keeper=None):
-    """Keep ``CHAIN_DEPTH`` training tasks queued per worker until each worker stops."""
-    links_made = [0] * len(shards)
-    chains: list[deque] = [deque() for _ in shards]
-    owner: dict[str, int] = {}
-    done = as_completed()
-
-    def extend(i: int) -> None:
-        shard = shards[i]
-        previous = chains[i][-1] if chains[i] else None
-        future = client.submit(
-            train_segment, spec, i, shard.X, shard.y, init, evaluation, previous,
-            key=f"asgd-train-{spec.run_id}-{i}-{links_made[i]}",
-            workers=[shard.address], allow_other_workers=False, pure=False,
-        )
-        links_made[i] += 1
-        owner[future.key] = i
-        chains[i].append(future)
-        done.add(future)
-
-    for i in range(len(shards)):
-        for _ in range(CHAIN_DEPTH):
-            extend(i)
-
-    finals: dict[str, dict] = {}
-    rows: dict[str, list[dict]] = {s.address: [] for s in shards}
-    adjustments: list[dict] = []
-    try:
-        for future in done:
-            if future.cancelled():
-                continue
-            result = future.result()
-            i = owner.pop(future.key)
-            chains[i].popleft()
-            rows[shards[i].address].extend(result["rows"])
-            if keeper is not None and "state" in result:
-                keeper.offer(shards[i].address, result["state"])
-            adjustments.extend({"worker": shards[i].address, **a} for a in result.get("adjustments", ()))
-            if result["done"]:
-                if not result.get("stale"):
-                    finals[shards[i].address] = result
-                for queued in chains[i]:
-                    queued.cancel()
-                chains[i].clear()
-            else:
-                extend(i)
-    except BaseException:
-        client.cancel([f for chain in chains for f in chain])
-        raise
-    return finals, rows, adjustments
 
 
 def _average(states, weights):

@@ -35,11 +35,13 @@ DESCRIPTIONS = {
 
 
 def build_history(rows_by_worker: dict[str, list[dict]], interval: float, attrs: dict,
-                  adjustments: list[dict] = ()) -> xr.Dataset:
-    """One Dataset from each worker's rows; a value holds until the next row.
+                  adjustments: list[dict] = (), events: list[dict] = ()) -> xr.Dataset:
+    """One Dataset from each worker's rows; a value holds until the next row, or
+    until the worker was lost (NaN after that).
 
     The balancer's adjustments, with their reasons, go along their own dim
-    ``adjustment`` (time, worker, new settings, reason).
+    ``adjustment`` (time, worker, new settings, reason); workers lost and
+    joining mid-fit along ``event`` (time, worker, what, detail).
     """
     workers = list(rows_by_worker)
     ticks = sorted({row["tick"] for rows in rows_by_worker.values() for row in rows})
@@ -50,9 +52,15 @@ def build_history(rows_by_worker: dict[str, list[dict]], interval: float, attrs:
         for row in rows_by_worker[worker]:
             for name in names:
                 data[name][position[row["tick"]], j] = row.get(name, np.nan)
+    times = np.asarray(ticks, dtype=float) * interval
+    gone = np.zeros((len(ticks), len(workers)), dtype=bool)
+    for event in events:
+        if event["event"] == "lost" and event["worker"] in workers:
+            gone[:, workers.index(event["worker"])] = times > event["elapsed"]
     variables = {}
     for name, values in data.items():
         filled = _forward_fill(values)
+        filled[gone] = np.nan
         variables[name] = (("time", "worker"), filled, _attrs(name))
     adjustments = sorted(adjustments, key=lambda a: a["elapsed"])
     variables.update({
@@ -64,10 +72,16 @@ def build_history(rows_by_worker: dict[str, list[dict]], interval: float, attrs:
         "adjustment_message_size": (("adjustment",), np.array([a["message_size"] for a in adjustments], dtype=np.int64),
                                     {"units": "parameters"}),
         "adjustment_reason": (("adjustment",), np.array([a["reason"] for a in adjustments], dtype=object)),
+        "event_time": (("event",), np.array([e["elapsed"] for e in events], dtype=float),
+                       {"units": "s", "description": "when the client saw a worker leave or join the fit"}),
+        "event_worker": (("event",), np.array([e["worker"] for e in events], dtype=object)),
+        "event": (("event",), np.array([e["event"] for e in events], dtype=object),
+                  {"description": "lost: the worker left mid-fit; joined: it came in mid-fit"}),
+        "event_detail": (("event",), np.array([e["detail"] for e in events], dtype=object)),
     })
     return xr.Dataset(
         variables,
-        coords={"time": ("time", np.asarray(ticks, dtype=float) * interval, {"units": "s"}), "worker": workers},
+        coords={"time": ("time", times, {"units": "s"}), "worker": workers},
         attrs=attrs,
     )
 

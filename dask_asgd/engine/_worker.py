@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, device
 from distributed import get_worker
 
 from ..channel import PayloadSpec, get_channel
@@ -74,6 +74,8 @@ def train_segment(spec: RunSpec, worker_index: int, X_chunks, y_chunks, init, ev
     if run is None:
         run = _RUNS[slot] = WorkerRun(spec, worker_index, address, X_chunks, y_chunks, init, evaluation)
     run.spec = spec
+    if sum(int(c.shape[0]) for c in X_chunks) != run.n_rows:
+        run.take_rows_from(X_chunks, y_chunks)  # rows came or went with a worker
     try:
         run.train(spec.segment_seconds)
     except BaseException:
@@ -85,9 +87,28 @@ def train_segment(spec: RunSpec, worker_index: int, X_chunks, y_chunks, init, ev
     if spec.share_state:
         result["state"] = (to_host(run.params), None if run.aux is None else to_host(run.aux), run.samples)
     if run.done:
-        result.update(params=run.params, samples=run.samples, stop_reason=run.stop_reason)
+        # A host copy: TCP would copy a device array to the host anyway, and the
+        # client needs no CUDA to read it (the estimator returns the input's type).
+        result.update(params=to_host(run.params), samples=run.samples, stop_reason=run.stop_reason)
         run.close()
     return result
+
+
+def current_state(run_id: str, dask_worker=None):
+    """This worker's current ``(params, aux)`` in run ``run_id``, as host copies
+    (for a worker that joins mid-fit); ``None`` where the run is not going here."""
+    for (rid, _), run in list(_RUNS.items()):
+        if rid == run_id and not run.done:
+            aux = run.aux
+            return to_host(run.params).copy(), (None if aux is None else to_host(aux).copy())
+    return None
+
+
+def forget_peer(run_id: str, address: str, dask_worker=None) -> None:
+    """Stop sending to, and waiting for, a peer that has left the cluster."""
+    for (rid, _), run in list(_RUNS.items()):
+        if rid == run_id:
+            run.silent_peers.add(address)
 
 
 def _concat(chunks):
@@ -99,8 +120,7 @@ def _concat(chunks):
     chunk = chunks[0]
     # Deserialized buffers can be unaligned (seen: float64 at offset 44 after
     # scatter), and NumPy's row gather on them is ~700x slower: copy those.
-    flags = getattr(chunk, "flags", None)
-    if flags is not None and not flags.aligned:
+    if isinstance(chunk, np.ndarray) and not chunk.flags.aligned:
         return xp.asarray(chunk, copy=True)
     return chunk
 
@@ -122,8 +142,9 @@ class WorkerRun:
         self.xp = array_namespace(self.X)
         self.n_rows = self.X.shape[0]
         params, aux = init
-        self.params = self.xp.asarray(params, copy=True)
-        self.aux = aux
+        # On the rows' device: a resumed state arrives as NumPy.
+        self.params = self.xp.asarray(params, copy=True, device=device(self.X))
+        self.aux = None if aux is None else host_to(self.xp, aux, self.X)
         self.rng = np.random.default_rng([spec.seed, worker_index])
         self.peer_rng = np.random.default_rng([spec.seed, worker_index, 1])
         self.filter = UpdateFilter(spec.update_filter)
@@ -163,7 +184,9 @@ class WorkerRun:
         self._probe_due = 0.0
         self.probes_sent = 0
         if self.channel is not None:
-            self.mailbox = self.channel.subscribe(spec.topic, PayloadSpec(str(self.params.dtype), spec.slice_shapes()))
+            self.mailbox = self.channel.subscribe(spec.topic, PayloadSpec(
+                str(self.params.dtype), spec.slice_shapes(), array_type=type(self.params), device=device(self.params),
+            ))
             if spec.mode == "asgd" and (spec.auto_interval or spec.auto_size):
                 self.balance_box = self.channel.subscribe(spec.balance_topic, BALANCE_SPEC)
                 self.probe_box = self.channel.subscribe(spec.probe_topic, PROBE_SPEC)
@@ -171,6 +194,13 @@ class WorkerRun:
         self.log_start = {} if self.channel is None else {a: link.logged for a, link in self.channel.links.items()}
         self.reporter = Reporter(self)
         self._record(force=True)
+
+    def take_rows_from(self, X_chunks, y_chunks) -> None:
+        """Train on these rows from now on (the driver moved rows to or from this worker)."""
+        self.X, self.y = _concat(X_chunks), _concat(y_chunks)
+        self.n_rows = self.X.shape[0]
+        self._order = self.rng.permutation(self.n_rows)
+        self._pos = 0
 
     @property
     def message_size(self) -> int:
@@ -346,7 +376,7 @@ class WorkerRun:
         for peer in self._peers():
             self.channel.publish(spec.topic, peer, self.params, key=1, meta=meta)
             self.sent += 1
-        arrived = self._await_round(self._peers())
+        arrived = self._await_round()
         states = [self.params] + [m.payload for m in arrived]
         self.params = sum(states[1:], states[0]) / len(states)
         self.filter.accepted += len(arrived)
@@ -360,13 +390,15 @@ class WorkerRun:
             if self._no_gain(math.fsum(sorted(losses)) / len(losses)):
                 self._stop("tol")
 
-    def _await_round(self, peers: list[str]) -> list:
+    def _await_round(self) -> list:
         # A peer may already be one round ahead and have overwritten its message
-        # for this round: its newest state stands in for both.
+        # for this round: its newest state stands in for both. The peers are
+        # looked up on every pass: one that dies is dropped while we wait.
         deadline = time.monotonic() + self.spec.sync_timeout
         while True:
             for message in self.mailbox.take():
                 self._sync_latest[message.sender] = message
+            peers = self._peers()
             missing = [p for p in peers if self._round_of(p) < self.round]
             left = deadline - time.monotonic()
             if not missing or left <= 0:

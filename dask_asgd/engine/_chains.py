@@ -1,0 +1,196 @@
+"""Keeping one chain of training tasks going per worker until each stops, through
+workers that die and workers that join mid-fit: a lost worker's rows go to a
+survivor, and a newcomer takes rows off the busiest worker and a peer's state."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+
+from distributed import Client, Future, wait
+from distributed.client import FuturesCancelledError
+
+from ._data import Shard, merge_shards, split_shard
+from ._spec import RunSpec
+from ._worker import current_state, forget_peer, train_segment
+
+# Links queued behind the running one, so a worker never idles waiting for the client.
+CHAIN_DEPTH = 2
+# Seconds between two looks at the scheduler's worker list.
+MEMBERSHIP_POLL = 0.5
+
+
+class AllWorkersLost(RuntimeError):
+    """Every worker training the run has left the cluster."""
+
+
+class ChainKeeper:
+    """Runs a fit's training chains; ``run()`` returns when every live worker is done.
+
+    Example::
+
+        keeper = ChainKeeper(client, spec, shards, init, evaluation)
+        finals, rows, adjustments, events = keeper.run()
+    """
+
+    spec: RunSpec
+    shards: list[Shard]
+    chains: list[deque]
+    alive: list[bool]
+    finished: list[bool]
+    events: list[dict]
+
+    def __init__(self, client: Client, spec: RunSpec, shards: list[Shard], init, evaluation,
+                 checkpointer=None, source=None, admit_newcomers: bool = True):
+        self.client = client
+        self.source = source  # the client's (X, y) when it holds the data, to send rows again
+        self.spec = spec
+        self.shards = list(shards)
+        self.inits = [init] * len(shards)
+        self.evaluation = evaluation
+        self.checkpointer = checkpointer
+        self.admit_newcomers = admit_newcomers
+        self.chains = [deque() for _ in shards]
+        self.alive = [True] * len(shards)
+        self.finished = [False] * len(shards)
+        self.links_made = [0] * len(shards)
+        self.owner: dict[str, tuple[int, int]] = {}  # key: (chain, link)
+        self.finals: dict[str, dict] = {}
+        self.rows: dict[str, list[dict]] = {s.address: [] for s in shards}
+        self.adjustments: list[dict] = []
+        self.events: list[dict] = []
+        self.known_workers = set(self._workers())
+
+    # -- the loop ---------------------------------------------------------------------
+    def run(self):
+        for i in range(len(self.shards)):
+            for _ in range(CHAIN_DEPTH):
+                self._extend(i)
+        try:
+            while any(a and not f for a, f in zip(self.alive, self.finished)):
+                pending = [f for chain in self.chains for f in chain]
+                try:
+                    wait(pending, timeout=MEMBERSHIP_POLL, return_when="FIRST_COMPLETED")
+                except (TimeoutError, FuturesCancelledError):
+                    pass  # nothing finished yet; or a dead worker's links were cancelled
+                self._check_membership()
+                done = [f for f in pending if f.done()]
+                # In chain order: a link's result may come in the same batch as the next one's.
+                for future in sorted(done, key=lambda f: self.owner.get(f.key, (-1, -1))):
+                    self._take(future)
+        except BaseException:
+            self.client.cancel([f for chain in self.chains for f in chain])
+            raise
+        return self.finals, self.rows, self.adjustments, self.events
+
+    def _extend(self, i: int) -> None:
+        shard = self.shards[i]
+        previous = self.chains[i][-1] if self.chains[i] else None
+        future = self.client.submit(
+            train_segment, self.spec, i, shard.X, shard.y, self.inits[i], self.evaluation, previous,
+            key=f"asgd-train-{self.spec.run_id}-{i}-{self.links_made[i]}",
+            workers=[shard.address], allow_other_workers=False, pure=False,
+        )
+        self.owner[future.key] = (i, self.links_made[i])
+        self.links_made[i] += 1
+        self.chains[i].append(future)
+
+    def _take(self, future: Future) -> None:
+        i, _ = self.owner.pop(future.key, (None, None))
+        if i is None or not self.alive[i] or self.finished[i]:
+            return
+        if future.cancelled():
+            raise RuntimeError(f"the training task {future.key} was cancelled on a live worker, "
+                               f"{self.shards[i].address} (by another client?); fit again")
+        result = future.result()
+        self.chains[i].popleft()
+        address = self.shards[i].address
+        self.rows[address].extend(result["rows"])
+        if self.checkpointer is not None and "state" in result:
+            self.checkpointer.offer(address, result["state"])
+        self.adjustments.extend({"worker": address, **a} for a in result.get("adjustments", ()))
+        if result["done"]:
+            if not result.get("stale"):
+                self.finals[address] = result
+            self.finished[i] = True
+            for queued in self.chains[i]:
+                queued.cancel()
+            self.chains[i].clear()
+        else:
+            self._extend(i)
+
+    # -- membership -------------------------------------------------------------------
+    def _workers(self) -> set[str]:
+        return set(self.client.scheduler_info(n_workers=-1)["workers"])
+
+    def _check_membership(self) -> None:
+        workers = self._workers()
+        for i, shard in enumerate(self.shards):
+            if self.alive[i] and shard.address not in workers:
+                self._lose(i)
+        newcomers = sorted(workers - self.known_workers)
+        self.known_workers |= workers
+        if self.admit_newcomers:
+            for address in newcomers:
+                self._admit(address)
+
+    def _elapsed(self) -> float:
+        return time.time() - self.spec.t0
+
+    def _live(self) -> list[int]:
+        return [i for i, a in enumerate(self.alive) if a and not self.finished[i]]
+
+    def _set_peers(self) -> None:
+        # Queued links carry the old spec; links from here on the new peers.
+        peers = tuple(self.shards[i].address for i, a in enumerate(self.alive) if a)
+        self.spec = dataclasses.replace(self.spec, peers=peers)
+
+    def _lose(self, i: int) -> None:
+        """A worker left: stop its chain, tell its peers, give its rows to a survivor."""
+        lost = self.shards[i]
+        self.alive[i] = False
+        self.client.cancel(list(self.chains[i]))
+        self.chains[i].clear()
+        survivors = self._live()
+        if not survivors:
+            raise AllWorkersLost(
+                f"every worker training run {self.spec.run_id} left the cluster (the last: {lost.address}); "
+                "check the workers' logs (memory limits, OOM killer) and fit again"
+            )
+        self._set_peers()
+        peers = [self.shards[j].address for j in survivors]
+        # At once, not with the next task: a sync barrier may be waiting for it.
+        self.client.run(forget_peer, self.spec.run_id, lost.address, workers=peers)
+        heir = min(survivors, key=lambda j: self.shards[j].n_rows)
+        self.shards[heir] = merge_shards(self.client, self.shards[heir], lost, self.source)
+        self.events.append({"elapsed": self._elapsed(), "worker": lost.address, "event": "lost",
+                            "detail": f"its {lost.n_rows} rows go to {self.shards[heir].address}"})
+
+    def _admit(self, address: str) -> None:
+        """A worker joined: it takes rows off the busiest worker and starts from that worker's state."""
+        live = self._live()
+        if not live:
+            return
+        donor = max(live, key=lambda j: self.shards[j].n_rows)
+        source = self.shards[donor]
+        state = self.client.run(current_state, self.spec.run_id, workers=[source.address]).get(source.address)
+        if state is None:
+            return  # the donor's run has just ended: nothing left to share
+        kept, given = split_shard(self.client, source, address, self.source)
+        if given is None:
+            return
+        self.shards[donor] = kept
+        self.shards.append(given)
+        (init,) = self.client.scatter([state], workers=[address], hash=False)
+        self.inits.append(init)
+        self.chains.append(deque())
+        self.alive.append(True)
+        self.finished.append(False)
+        self.links_made.append(0)
+        self.rows[address] = []
+        self._set_peers()
+        self.events.append({"elapsed": self._elapsed(), "worker": address, "event": "joined",
+                            "detail": f"{given.n_rows} rows from {source.address}, its state"})
+        for _ in range(CHAIN_DEPTH):
+            self._extend(len(self.shards) - 1)

@@ -5,6 +5,9 @@ against NumPy. On any machine: the same engine path on array_api_strict's
 mixing with another device, as CuPy's do."""
 
 import functools
+import os
+import subprocess
+import sys
 import time
 import uuid
 
@@ -16,7 +19,13 @@ from array_api_compat import device
 from sklearn.base import clone
 from sklearn.datasets import make_blobs
 
-from dask_asgd import KMeans, LinearRegression, LogisticRegression, checkpoint
+from dask_asgd import (
+    KMeans,
+    LinearRegression,
+    LogisticRegression,
+    bench_gpu,
+    checkpoint,
+)
 from dask_asgd.channel import Channel, PayloadSpec, get_channel
 from dask_asgd.filter import UpdateFilter, moves_towards
 from dask_asgd.models import KMeansModel, LinearModel, LogisticModel
@@ -26,17 +35,19 @@ STRICT_DEVICE = array_api_strict.Device("device1")
 
 
 def _cupy_with_a_gpu():
-    """CuPy, or a skip that says what is missing."""
+    """CuPy, or a skip that says what is missing (a failure under
+    ASGD_GPU_REQUIRED=1, as ci/gpu-check.sh sets: there a skip would hide it)."""
+    missing = pytest.fail if os.environ.get("ASGD_GPU_REQUIRED") == "1" else pytest.skip
     try:
         import cupy
     except ImportError as exc:
-        pytest.skip(f"CuPy is not installed ({exc}); on a machine with an NVIDIA GPU: pip install '.[gpu]'")
+        missing(f"CuPy is not installed ({exc}); on a machine with an NVIDIA GPU: pip install '.[gpu]'")
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except RuntimeError as exc:  # CUDARuntimeError: no driver, no device
-        pytest.skip(f"CuPy is installed but finds no usable GPU: {type(exc).__name__}: {exc}")
+        missing(f"CuPy is installed but finds no usable GPU: {type(exc).__name__}: {exc}")
     if count < 1:
-        pytest.skip("CuPy is installed but the machine has no GPU (getDeviceCount() == 0)")
+        missing("CuPy is installed but the machine has no GPU (getDeviceCount() == 0)")
     return cupy
 
 
@@ -171,6 +182,33 @@ def test_payload_spec_refuses_another_array_type_or_device():
     assert spec.problem(0, np.ones(3), {}) == "array type numpy.ndarray != expected array_api_strict.Array"
     on_cpu = array_api_strict.asarray(np.ones(3))
     assert spec.problem(0, on_cpu, {}) == f"device {device(on_cpu)} != expected {STRICT_DEVICE}"
+
+
+def test_bench_runs_without_a_gpu_and_prints_the_table():
+    done = subprocess.run(
+        [sys.executable, "-m", "dask_asgd.bench_gpu", "--quick", "--seconds", "0.05", "--batch-sizes", "64,256"],
+        check=False, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "| problem | batch | NumPy samples/s | CuPy samples/s | CuPy / NumPy |" in done.stdout
+    for case in bench_gpu.QUICK:
+        for batch in (64, 256):
+            assert f"| {case} | {batch} | " in done.stdout
+    if bench_gpu.find_cupy()[0] is None:
+        assert "CuPy unavailable: " in done.stdout and "| n/a | n/a |" in done.stdout
+
+
+def test_bench_device_column_and_check_on_a_stand_in_device():
+    # The path the CuPy column takes (arrays put on a device, indices copied
+    # there every step, the state compared with NumPy's), on device1.
+    device = bench_gpu.Device("array_api_strict", functools.partial(_on_device, "strict"))
+    for case in bench_gpu.QUICK:
+        rows, (difference, tolerance) = bench_gpu.measure(case, [128], 0.05, "float64", device)
+        assert rows[0]["numpy"] > 0 and rows[0]["device"] > 0
+        assert difference <= tolerance, case
+    assert "| array_api_strict samples/s |" in bench_gpu.format_table(rows, "array_api_strict")
+    with pytest.raises(ValueError, match="batch_size=30000 is more than the 20000 rows"):
+        bench_gpu.measure(bench_gpu.QUICK[0], [30_000], 0.05, "float64")
 
 
 # -- on a GPU -----------------------------------------------------------------------------

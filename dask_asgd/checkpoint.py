@@ -147,7 +147,14 @@ def load(path, *, model: str | None = None, n_params: int | None = None, dtype=N
     try:
         with np.load(path, allow_pickle=False) as f:
             stored = {name: f[name] for name in f.files}  # reading every member checks its zip CRC
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+    except ValueError as e:
+        if "allow_pickle" in str(e):  # numpy refused to unpickle: say so, it is no accident
+            raise CorruptCheckpoint(
+                f"checkpoint {path} holds pickled Python objects, which no checkpoint does and which could run "
+                "code when loaded; it was not loaded. Delete it, and find out who wrote it"
+            ) from e
+        raise CorruptCheckpoint(f"checkpoint {path} is truncated or corrupt (ValueError: {e}); delete it and use an older one") from e
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
         raise CorruptCheckpoint(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e}); delete it and use an older one") from e
     if _META not in stored or _SHA not in stored:
         raise CorruptCheckpoint(f"{path} is not a dask-asgd checkpoint (no metadata or checksum); point at a checkpoint directory")

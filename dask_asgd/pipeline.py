@@ -17,7 +17,7 @@ from distributed import Client, get_client, wait
 
 from . import __version__, _toml
 from .cluster import connect, dashboard_link
-from .errors import ConfigError, MissingFileError, TrainingFailed
+from .errors import ConfigError, MissingFileError, SchedulerUnreachable, TrainingFailed
 from .outputs import Outputs
 from .preprocessing import STEPS, SelectFeatures, Split, Standardize
 from .balance._monitor import live_progress
@@ -90,6 +90,10 @@ class Train:
         try:
             return est.fit(data.X) if self.estimator == "kmeans" else est.fit(data.X, data.y)
         except (ValueError, TypeError, FloatingPointError) as e:
+            raise TrainingFailed(f"training {self.estimator} failed: {e}") from e
+        except ConnectionError as e:  # the scheduler went away mid-fit
+            raise SchedulerUnreachable(f"training {self.estimator} stopped: {e}") from e
+        except RuntimeError as e:  # e.g. every worker left the cluster
             raise TrainingFailed(f"training {self.estimator} failed: {e}") from e
 
     @classmethod

@@ -5,15 +5,19 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
+import dask
 import numpy as np
 import pytest
 import sklearn.cluster
+from distributed import Client
 from sklearn.datasets import make_blobs
 
 from dask_asgd import KMeans
 from dask_asgd.checkpoint import CorruptCheckpoint, MismatchedCheckpoint, list_checkpoints, load
+from dask_asgd.engine import SchedulerLost
 
 
 def _blobs():
@@ -55,6 +59,52 @@ def test_killed_run_resumes_to_the_same_quality(tmp_path, client):
     # The resumed fit went on writing checkpoints, counting the samples before the crash.
     newest = load(list_checkpoints(directory)[0], model="KMeansModel")
     assert newest.sequence > first.sequence and newest.samples > first.samples
+
+
+def test_scheduler_death_stops_the_fit_at_once_and_resume_reaches_the_same_quality(tmp_path, client):
+    # A `dask scheduler` process and two `dask worker` processes; the scheduler
+    # is killed (SIGKILL) once the fit has written a checkpoint.
+    scheduler_file = tmp_path / "scheduler.json"
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", "0", "--no-dashboard", "--scheduler-file", str(scheduler_file)])]
+    try:
+        deadline = time.time() + 60
+        while not scheduler_file.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        procs += [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
+                                    str(scheduler_file), "--nthreads", "1", "--no-dashboard"]) for _ in range(2)]
+        X = _blobs()
+        directory = tmp_path / "ckpt"
+        with Client(scheduler_file=str(scheduler_file), timeout=60) as doomed:
+            doomed.wait_for_workers(2, timeout=60)
+            failure = {}
+
+            def fit():
+                try:
+                    KMeans(10, random_state=0, max_epochs=100_000, max_time=120, tol=None, checkpoint=directory,
+                           client=doomed).fit(X)
+                except BaseException as e:  # noqa: BLE001 - inspected below
+                    failure["error"] = e
+
+            training = threading.Thread(target=fit)
+            with dask.config.set({"asgd.checkpoint.interval": 1.0}):
+                training.start()
+                while not list_checkpoints(directory) and training.is_alive() and time.time() < deadline + 60:
+                    time.sleep(0.1)
+            procs[0].kill()
+            killed = time.time()
+            training.join(timeout=60)
+            stopped_after = time.time() - killed
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert isinstance(failure.get("error"), SchedulerLost), failure
+    assert "resume=True" in str(failure["error"])
+    assert stopped_after < 10  # not the client's 30 s reconnect timeout
+    resumed = KMeans(10, random_state=0, max_epochs=3, tol=None, checkpoint=directory, resume=True, client=client).fit(X)
+    uninterrupted = KMeans(10, random_state=0, max_epochs=3, tol=None, client=client).fit(X)
+    assert -resumed.score(X) <= 1.02 * -uninterrupted.score(X)
 
 
 def test_truncated_checkpoint_is_refused(tmp_path, client):

@@ -7,7 +7,7 @@ from ._spec import MODES, RunSpec
 
 # Workers import this package for the training loop alone; the client-side driver
 # (dask.array, xarray) loads only where a fit is started.
-_DRIVER_NAMES = ("FitResult", "TrainingDiverged", "fit")
+_DRIVER_NAMES = ("AllWorkersLost", "FitResult", "SchedulerLost", "TrainingDiverged", "fit")
 
 
 def __getattr__(name):
@@ -16,4 +16,4 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["FitResult", "MODES", "RunSpec", "TrainingDiverged", "fit"]
+__all__ = ["MODES", "AllWorkersLost", "FitResult", "RunSpec", "SchedulerLost", "TrainingDiverged", "fit"]

@@ -25,6 +25,10 @@ class AllWorkersLost(RuntimeError):
     """Every worker training the run has left the cluster."""
 
 
+class SchedulerLost(ConnectionError):
+    """The client lost its scheduler while training ran."""
+
+
 class ChainKeeper:
     """Runs a fit's training chains; ``run()`` returns when every live worker is done.
 
@@ -73,12 +77,12 @@ class ChainKeeper:
                 try:
                     wait(pending, timeout=MEMBERSHIP_POLL, return_when="FIRST_COMPLETED")
                 except (TimeoutError, FuturesCancelledError):
-                    pass  # nothing finished yet; or a dead worker's links were cancelled
-                self._check_membership()
+                    pass  # nothing finished yet; or links were cancelled: _take says why
                 done = [f for f in pending if f.done()]
                 # In chain order: a link's result may come in the same batch as the next one's.
                 for future in sorted(done, key=lambda f: self.owner.get(f.key, (-1, -1))):
                     self._take(future)
+                self._check_membership()
         except BaseException:
             self.client.cancel([f for chain in self.chains for f in chain])
             raise
@@ -101,6 +105,13 @@ class ChainKeeper:
         if i is None or not self.alive[i] or self.finished[i]:
             return
         if future.cancelled():
+            if self.client.status != "running":
+                raise SchedulerLost(
+                    f"lost the connection to the Dask scheduler at {self.client.scheduler.address} during training; "
+                    "fit again once it is back (with checkpoint=DIR, resume=True goes on from the newest checkpoint)"
+                )
+            if self.shards[i].address not in self._workers():
+                return  # its worker died: _check_membership hands its rows on
             raise RuntimeError(f"the training task {future.key} was cancelled on a live worker, "
                                f"{self.shards[i].address} (by another client?); fit again")
         result = future.result()

@@ -19,7 +19,7 @@ from .. import config
 from ..balance._monitor import Monitor
 from ..channel import Channel
 from ..models import SGDModel
-from ._chains import ChainKeeper
+from ._chains import AllWorkersLost, ChainKeeper, SchedulerLost
 from ._checkpointer import Checkpointer
 from ._data import Shard, place
 from ._history import build_history
@@ -34,6 +34,9 @@ class FitResult:
     samples: int
     n_iter: int
     stop_reasons: dict[str, str]
+
+
+__all__ = ["AllWorkersLost", "FitResult", "SchedulerLost", "TrainingDiverged", "fit"]
 
 
 class TrainingDiverged(FloatingPointError):

@@ -434,7 +434,8 @@ class LogisticRegression(ClassifierMixin, _ASGDEstimator):
             raise ValueError(f"y holds a single class ({host_classes[0].item()!r}); classification needs at least two")
         self.classes_ = classes
         if isinstance(y, da.Array):
-            return y.map_blocks(lambda b: np.searchsorted(classes, b).astype(np.int64), dtype=np.int64)
+            host = to_host(classes)  # the graph carries host arrays only
+            return y.map_blocks(lambda b: _class_indices(host, b), dtype=np.int64)
         return xp.astype(xp.asarray(indices, device=device(y)), xp.int64)
 
     def _make_model(self, n_features):
@@ -447,8 +448,11 @@ class LogisticRegression(ClassifierMixin, _ASGDEstimator):
 
     def predict(self, X):
         index = self._apply(X, "predict", np.int64)
-        classes = self.classes_
-        labels = index.map_blocks(lambda b: _take_classes(classes, b), dtype=classes.dtype) if isinstance(index, da.Array) else _take_classes(classes, index)
+        if isinstance(index, da.Array):
+            classes = to_host(self.classes_)  # the graph carries host arrays only
+            labels = index.map_blocks(lambda b: _take_classes(classes, b), dtype=classes.dtype)
+        else:
+            labels = _take_classes(self.classes_, index)
         return self._wrap(labels, X, "label")
 
     def predict_proba(self, X):
@@ -494,11 +498,13 @@ def _distances(X, C):
     return xp.sqrt(xp.sum((X[:, None, :] - C[None, :, :]) ** 2, axis=2))
 
 
+def _class_indices(classes, labels):
+    xp = array_namespace(labels)
+    return xp.astype(xp.searchsorted(_params_for(classes, labels), labels), xp.int64)
+
+
 def _take_classes(classes, index):
-    if isinstance(index, np.ndarray):
-        return np.asarray(classes)[index]
-    xp = array_namespace(index)
-    return xp.take(xp.asarray(classes, device=device(index)), index, axis=0)
+    return array_namespace(index).take(_params_for(classes, index), index, axis=0)
 
 
 def _check_alpha(alpha):

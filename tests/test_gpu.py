@@ -152,6 +152,12 @@ def test_estimators_on_a_non_numpy_device_match_numpy(client):
         predicted = fitted.predict(strict(X))
         assert device(predicted) == STRICT_DEVICE, name
         np.testing.assert_allclose(to_host(predicted), reference.predict(X), rtol=1e-9, err_msg=name)
+        # Fitted on one device, predicting on another: the fitted arrays move to X.
+        assert type(fitted.predict(X)) is np.ndarray, name
+        np.testing.assert_allclose(fitted.predict(X), reference.predict(X), rtol=1e-9, err_msg=name)
+        np.testing.assert_allclose(to_host(reference.predict(strict(X))), reference.predict(X), rtol=1e-9, err_msg=name)
+        Xd = da.from_array(X, chunks=1000)
+        np.testing.assert_allclose(fitted.predict(Xd).compute(), reference.predict(X), rtol=1e-9, err_msg=name)
 
 
 @pytest.mark.timeout(180)

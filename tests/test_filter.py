@@ -4,7 +4,7 @@ import array_api_strict
 import numpy as np
 import pytest
 
-from dask_asgd.filter import UpdateFilter, moves_towards
+from dask_asgd.filter import FULL_WINDOW_SIZE, UpdateFilter, moves_towards
 
 
 def test_state_the_step_moves_towards_is_accepted():
@@ -34,8 +34,12 @@ def test_closed_form_on_random_states():
 
 
 def test_filter_counts_and_none_accepts_all():
-    before, after = np.zeros(2), np.array([1.0, 0.0])
-    toward, away = np.array([2.0, 0.0]), np.array([-2.0, 0.0])
+    # States well inside the window around the local state (filter.WINDOW, for
+    # FULL_WINDOW_SIZE parameters), so the Parzen test alone decides.
+    step = np.eye(FULL_WINDOW_SIZE)[0]
+    before = np.full(FULL_WINDOW_SIZE, 10.0)
+    after = before + step
+    toward, away = after + step, before - 2 * step
     parzen = UpdateFilter("parzen")
     assert parzen.accept(before, after, toward) and not parzen.accept(before, after, away)
     assert (parzen.accepted, parzen.rejected) == (1, 1)

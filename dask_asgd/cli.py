@@ -125,6 +125,17 @@ def _bench_balance(args) -> int:
     return bench_balance.main(args)
 
 
+def _bench_peers(args) -> int:
+    from . import bench_peers
+
+    try:
+        bench_peers.prepare_out(args.out)
+    except OSError as e:
+        print(f"dask-asgd bench: error: {e}", file=sys.stderr)
+        return EXIT_CODES[MissingFileError]
+    return bench_peers.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dask-asgd", description="Asynchronous parallel SGD on Dask distributed.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -151,8 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=5)
     demo.set_defaults(func=_demo)
 
-    bench = commands.add_parser("bench", help="benchmarks")
-    suites = bench.add_subparsers(dest="suite", required=True)
+    bench = commands.add_parser(
+        "bench", help="benchmarks: dask-asgd against its peers (default), or one of the suites below",
+        description="Without a suite: K-Means and logistic regression against dask-ml and scikit-learn, "
+                    "asgd vs sync at 10 Mbit/s (root), and parallel efficiency; writes results.json, "
+                    "results.md and peers_*.png into --out.",
+    )
+    bench.add_argument("--out", default="results/peers", metavar="DIR",
+                       help="folder for results.json, results.md and the plots (default results/peers)")
+    bench.add_argument("--quick", action="store_true",
+                       help="smaller data and budgets: under 20 minutes on 2 cores")
+    bench.add_argument("--repeats", type=_positive_int, default=3, help="repeats per method (medians are reported)")
+    bench.set_defaults(func=_bench_peers)
+    suites = bench.add_subparsers(dest="suite", required=False, metavar="{engine,balance}")
     engine = suites.add_parser("engine", help="asgd samples/s over N x a single-process NumPy loop")
     engine.add_argument("--workers", type=int, default=2)
     engine.add_argument("--repeats", type=int, default=3)

@@ -1,0 +1,544 @@
+"""dask-asgd against the tools users would pick instead, on one machine in one run:
+time to a target metric and the metric at a fixed time budget, per problem and method.
+
+What is compared (one ``LocalCluster`` of 2 worker processes x 1 thread for every
+cluster method; single-process peers pinned to 2 BLAS/OpenMP threads):
+
+* **K-Means**, on overlapping Gaussian blobs (``datasets.make_blobs``, 32 features,
+  k=64, ``cluster_std=6``: with the default spread every method is at the target
+  straight after its initialisation) and on scikit-learn's bundled digits (1,797 x 64,
+  k=10): dask-asgd ``asgd``, ``sync`` and ``simuparallel``; dask-ml ``KMeans``;
+  scikit-learn ``MiniBatchKMeans`` and ``KMeans``.
+* **Logistic regression** (binary, L2 ``alpha=1e-4`` on the mean cross-entropy) on
+  ``datasets.make_classification`` (32 features, 8 informative): dask-asgd ``asgd``
+  and ``sync``; dask-ml ``Incremental(SGDClassifier)``; scikit-learn ``SGDClassifier``
+  and ``LogisticRegression`` (``C = 1/(alpha n)``: the same objective).
+* **Slow network**: K-Means on the blobs, ``asgd`` and ``sync`` on an emulated cluster
+  (``testing.netem.EmulatedCluster``) whose links run at 10 Mbit/s from the moment
+  training starts (placement and the initial state run unshaped, alike for both).
+  Needs root; without it the regime is recorded as skipped, with the reason.
+* **Parallel efficiency**: asgd samples/s over 2 x a single-process NumPy loop of the
+  same model step, measured by ``bench_engine``'s code on the same cluster.
+
+How time to target is measured, honestly for every method: the metric is computed in
+this process on *all* the rows (K-Means: mean squared distance to the nearest centre;
+logistic: the regularised objective), of the model a user would hold at that moment.
+The target is 1% above the reference optimum: scikit-learn's best ``KMeans`` over
+restarts, or ``LogisticRegression`` solved to ``tol=1e-10``. ``history_``'s loss is
+not used: it is each worker's own state on a sample, not the model ``fit`` returns.
+Each method's points come from one of three protocols (``bench_peers_methods``):
+dask-asgd fits write the averaged state as client-side checkpoints 5 times a second,
+each point timed from the ``fit`` call (placement and the shared initial state
+included); peers with an iteration budget are refitted with ``max_iter`` 1, 2, 4, ...
+and each fit is timed whole; ``partial_fit`` peers are timed pass by pass. Time to
+target is the first point at or under the target; the metric at the budget is the
+metric of the last point within it. Medians over the repeats (seeds 0, 1, ...); the
+methods take turns within each repeat so a noisy neighbour hits them alike.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+from distributed import Client, LocalCluster
+from threadpoolctl import threadpool_limits
+
+from . import bench_engine
+from .bench_balance import _run_ids
+from .bench_peers_methods import (
+    PEER_THREADS,
+    Budget,
+    Trace,
+    doubling,
+    engine_trace,
+    kmeans_engine,
+    kmeans_metric,
+    ladder_trace,
+    logistic_engine,
+    logistic_metric,
+    passes_trace,
+)
+from .datasets import make_blobs, make_classification
+
+TARGET_FACTOR = 1.01
+SLOW_RATE = "10mbit"
+ALPHA = 1e-4
+
+
+@dataclass(frozen=True)
+class PeerProblem:
+    name: str
+    kind: str  # "kmeans" or "logistic"
+    data: str  # "blobs", "digits" or "classification"
+    n_samples: int
+    n_features: int
+    n_classes: int  # clusters for K-Means, classes for logistic regression
+    budget_s: float  # the fixed time budget of "metric at budget"
+    cost_cap_s: float  # most wall time one method's repeat may spend
+    restarts: int  # scikit-learn KMeans restarts behind the reference optimum
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.n_samples:,} x {self.n_features}, {'k' if self.kind == 'kmeans' else 'classes'}={self.n_classes})"
+
+
+def problems(quick: bool) -> list[PeerProblem]:
+    n_blobs, n_class = (200_000, 500_000) if quick else (2_000_000, 4_000_000)
+    budget, cap = (5.0, 60.0) if quick else (30.0, 600.0)
+    return [
+        PeerProblem("kmeans-blobs", "kmeans", "blobs", n_blobs, 32, 64, budget, cap, 3 if quick else 10),
+        PeerProblem("kmeans-digits", "kmeans", "digits", 1797, 64, 10, 3.0, 30.0, 10),
+        PeerProblem("logistic-classification", "logistic", "classification", n_class, 32, 2, budget, cap, 1),
+    ]
+
+
+KMEANS_METHODS = ("asgd", "sync", "simuparallel", "dask-ml KMeans", "sklearn MiniBatchKMeans", "sklearn KMeans")
+LOGISTIC_METHODS = ("asgd", "sync", "dask-ml Incremental(SGDClassifier)", "sklearn SGDClassifier", "sklearn LogisticRegression")
+ENGINE_MODES = ("asgd", "sync", "simuparallel")
+
+
+@dataclass
+class Data:
+    """The same rows twice: persisted on the cluster (dask) and in this process (NumPy)."""
+
+    X_dask: da.Array
+    y_dask: da.Array | None
+    X: np.ndarray
+    y: np.ndarray | None
+
+
+def load(problem: PeerProblem, client: Client, with_local: bool = True) -> Data:
+    if problem.data == "digits":
+        from sklearn.datasets import load_digits
+
+        X, _ = load_digits(return_X_y=True)
+        X = X.astype(np.float64)
+        X_dask = client.persist(da.from_array(X, chunks=(math.ceil(X.shape[0] / 2), -1)))
+        return Data(X_dask, None, X, None)
+    chunk_rows = math.ceil(problem.n_samples / 4)  # 2 chunks a worker
+    if problem.data == "blobs":
+        X_dask, y_dask = make_blobs(problem.n_samples, problem.n_features, problem.n_classes, cluster_std=6.0,
+                                    chunk_rows=chunk_rows, random_state=0)
+        y_dask = None
+    else:
+        X_dask, y_dask = make_classification(problem.n_samples, problem.n_features, problem.n_classes, class_sep=0.5,
+                                             n_informative=8, chunk_rows=chunk_rows, random_state=1)
+    X_dask = client.persist(X_dask)
+    y_dask = None if y_dask is None else client.persist(y_dask)
+    if not with_local:
+        return Data(X_dask, y_dask, None, None)
+    X = client.compute(X_dask).result()
+    y = None if y_dask is None else client.compute(y_dask).result()
+    return Data(X_dask, y_dask, X, y)
+
+
+def reference(problem: PeerProblem, data: Data) -> dict:
+    """The best optimum scikit-learn finds: KMeans best over restarts, or LogisticRegression to tol 1e-10."""
+    from sklearn.cluster import KMeans as SKKMeans
+    from sklearn.linear_model import LogisticRegression as SKLogistic
+
+    start = time.perf_counter()
+    with threadpool_limits(PEER_THREADS):
+        if problem.kind == "kmeans":
+            values = [kmeans_metric(data.X, SKKMeans(problem.n_classes, n_init=1, random_state=s).fit(data.X).cluster_centers_)
+                      for s in range(problem.restarts)]
+            how = f"scikit-learn KMeans, best of {problem.restarts} restarts (n_init=1, seeds 0..{problem.restarts - 1})"
+        else:
+            est = SKLogistic(C=1.0 / (ALPHA * data.X.shape[0]), tol=1e-10, max_iter=10_000).fit(data.X, data.y)
+            values = [logistic_metric(data.X, data.y, est.coef_, est.intercept_, ALPHA)]
+            how = "scikit-learn LogisticRegression (lbfgs), C = 1/(alpha n), tol 1e-10"
+    best = min(values)
+    return {"reference_metric": best, "reference_all": values, "reference_method": how,
+            "reference_s": time.perf_counter() - start, "target_metric": best * TARGET_FACTOR}
+
+
+def metric_name(problem: PeerProblem) -> str:
+    return "mean squared distance to nearest centre" if problem.kind == "kmeans" else "mean cross-entropy + alpha/2 ||coef||^2"
+
+
+# -- one method, one repeat ---------------------------------------------------------------
+
+def run_method(method: str, problem: PeerProblem, data: Data, client: Client, budget: Budget, seed: int) -> Trace:
+    k = problem.n_classes
+    if problem.kind == "kmeans":
+        def metric(est):
+            return kmeans_metric(data.X, est.cluster_centers_)
+    else:
+        def metric(est):
+            inner = getattr(est, "estimator_", est)  # dask-ml Incremental wraps the fitted SGDClassifier
+            return logistic_metric(data.X, data.y, inner.coef_, inner.intercept_, ALPHA)
+
+    if method in ENGINE_MODES:
+        if problem.kind == "kmeans":
+            make, of_params = kmeans_engine(method, k, client)
+            return engine_trace(make, data.X_dask, None, lambda est, p: kmeans_metric(data.X, of_params(est, p)),
+                                metric, budget, seed)
+        make, of_params = logistic_engine(method, ALPHA, client)
+        return engine_trace(make, data.X_dask, data.y_dask,
+                            lambda est, p: logistic_metric(data.X, data.y, *of_params(est, p), ALPHA), metric, budget, seed)
+    if method == "sklearn KMeans":
+        from sklearn.cluster import KMeans as SKKMeans
+
+        return ladder_trace(lambda it: SKKMeans(k, n_init=1, max_iter=it, random_state=seed).fit(data.X), doubling(),
+                            metric, lambda est, it: est.n_iter_ < it, budget)
+    if method == "sklearn MiniBatchKMeans":
+        from sklearn.cluster import MiniBatchKMeans
+
+        def converged(est, it):  # stopped early: no gain for max_no_improvement batches
+            return est.n_steps_ < (it * data.X.shape[0]) // est._batch_size
+
+        return ladder_trace(lambda it: MiniBatchKMeans(k, max_iter=it, random_state=seed).fit(data.X), doubling(),
+                            metric, converged, budget)
+    if method == "dask-ml KMeans":
+        from dask_ml.cluster import KMeans as DaskMLKMeans
+
+        # Every rung pays dask-ml's k-means|| initialisation again (many small graphs):
+        # rungs 4x apart keep the repeats within the cost cap.
+        return ladder_trace(lambda it: DaskMLKMeans(n_clusters=k, max_iter=it, random_state=seed).fit(data.X_dask),
+                            doubling(factor=4), metric, lambda est, it: est.n_iter_ < it, budget, threads=None)
+    if method == "sklearn LogisticRegression":
+        from sklearn.linear_model import LogisticRegression as SKLogistic
+
+        C = 1.0 / (ALPHA * data.X.shape[0])
+        return ladder_trace(lambda it: SKLogistic(C=C, max_iter=it).fit(data.X, data.y), doubling(), metric,
+                            lambda est, it: int(est.n_iter_[0]) < it, budget)
+    if method == "sklearn SGDClassifier":
+        from sklearn.linear_model import SGDClassifier
+
+        return passes_trace(lambda: SGDClassifier(loss="log_loss", alpha=ALPHA, random_state=seed),
+                            lambda est: est.partial_fit(data.X, data.y, classes=[0, 1]), metric, budget)
+    if method == "dask-ml Incremental(SGDClassifier)":
+        from dask_ml.wrappers import Incremental
+        from sklearn.linear_model import SGDClassifier
+
+        return passes_trace(lambda: Incremental(SGDClassifier(loss="log_loss", alpha=ALPHA, random_state=seed)),
+                            lambda est: est.partial_fit(data.X_dask, data.y_dask, classes=[0, 1]), metric, budget,
+                            threads=None)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def _shaped(cluster, client, run: Callable[[], Trace]) -> Trace:
+    """``run()`` with the links at SLOW_RATE from the moment its training starts."""
+    cluster.set_rate(None)
+    before = set(client.run_on_scheduler(_run_ids))
+    result: dict = {}
+
+    def target():
+        try:
+            result["trace"] = run()
+        except Exception as e:  # noqa: BLE001 - raised again in the caller's thread below
+            result["error"] = e
+
+    training = threading.Thread(target=target)
+    training.start()
+    while training.is_alive():
+        if set(client.run_on_scheduler(_run_ids)) - before:
+            cluster.set_rate(SLOW_RATE)
+            break
+        time.sleep(0.05)
+    training.join()
+    cluster.set_rate(None)
+    if "error" in result:
+        raise result["error"]
+    return result["trace"]
+
+
+# -- summaries ------------------------------------------------------------------------------
+
+def _median(values):
+    finite = [v if v is not None else math.inf for v in values]
+    m = statistics.median(finite) if finite else math.inf
+    return None if math.isinf(m) else m
+
+
+def summarise(traces: list[Trace], target: float, budget: float) -> dict:
+    ttt, at_budget, final, best = [], [], [], []
+    for t in traces:
+        hit = next((w for w, m in t.points if m <= target), None)
+        ttt.append(hit)
+        within = [m for w, m in t.points if w <= budget]
+        at_budget.append(within[-1] if within else None)
+        final.append(t.points[-1][1])
+        best.append(min(m for _, m in t.points))
+    budget_values = [v for v in at_budget if v is not None]
+    return {
+        "time_to_target_s": _median(ttt),
+        "time_to_target_all": ttt,
+        "reached": sum(v is not None for v in ttt),
+        "metric_at_budget": statistics.median(budget_values) if len(budget_values) * 2 > len(at_budget) else None,
+        "metric_at_budget_all": at_budget,
+        "final_metric": statistics.median(final),
+        "final_metric_all": final,
+        "best_metric_all": best,
+        "wall_s_all": [t.points[-1][0] for t in traces],
+    }
+
+
+def add_ratios(records: list[dict]) -> None:
+    """``asgd_over_this``: asgd's median time to target over this method's, per problem and regime."""
+    for r in records:
+        asgd = next((a for a in records if a["problem"] == r["problem"] and a["regime"] == r["regime"]
+                     and a["method"] == "asgd" and a["status"] == "ok"), None)
+        mine, theirs = (None if asgd is None else asgd["time_to_target_s"]), r.get("time_to_target_s")
+        r["asgd_over_this"] = mine / theirs if mine is not None and theirs else None
+
+
+# -- the suite --------------------------------------------------------------------------------
+
+def run(out: Path, quick: bool = False, repeats: int = 3, problem_list: list[PeerProblem] | None = None,
+        methods: dict[str, tuple[str, ...]] | None = None, slow_network: bool = True,
+        efficiency: dict | None = None, log=print) -> list[dict]:
+    """Run the suite and write ``out``/results.json, results.md and the plots; returns the records.
+
+    ``problem_list``, ``methods`` (by kind), ``efficiency`` (``{"n_samples", "seconds"}``
+    or ``{}`` to skip) make smaller suites (the tests use them)."""
+    out = prepare_out(out)
+    problem_list = problems(quick) if problem_list is None else problem_list
+    methods = methods or {"kmeans": KMEANS_METHODS, "logistic": LOGISTIC_METHODS}
+    efficiency = {"n_samples": 200_000, "seconds": 4.0 if quick else 6.0} if efficiency is None else efficiency
+    records: list[dict] = []
+    started = time.perf_counter()
+    machine = describe_machine()
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        for problem in problem_list:
+            data = load(problem, client)
+            ref = reference(problem, data)
+            log(f"{problem.label}: reference {ref['reference_metric']:.6g} ({ref['reference_s']:.1f} s), "
+                f"target {ref['target_metric']:.6g}")
+            budget = Budget(ref["target_metric"], problem.budget_s, problem.cost_cap_s)
+            names = methods[problem.kind]
+            traces: dict[str, list[Trace]] = {m: [] for m in names}
+            failed: dict[str, str] = {}
+            for seed in range(repeats):
+                for method in names:
+                    if method in failed:
+                        continue
+                    try:
+                        trace = run_method(method, problem, data, client, budget, seed)
+                    except Exception as e:  # noqa: BLE001 - a peer broken with these versions is a result, not a crash
+                        failed[method] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                        log(f"  {method}: failed: {failed[method]}")
+                        continue
+                    traces[method].append(trace)
+                    hit = next((w for w, m in trace.points if m <= budget.target), None)
+                    log(f"  repeat {seed} {method:36s} " + (f"target at {hit:.2f} s" if hit is not None else "target not reached")
+                        + f", final {trace.points[-1][1] / ref['reference_metric'] - 1:+.2%} at {trace.points[-1][0]:.1f} s")
+            for method in names:
+                records.append(_record(problem, "local", method, traces[method], failed.get(method), ref, repeats))
+            if problem.name == "kmeans-blobs" and slow_network:
+                records.extend(_slow_network(problem, data, ref, repeats, log))
+            del data
+        if efficiency:
+            shapes = {p.kind: (p.n_features, p.n_classes) for p in reversed(problem_list) if p.data != "digits"}
+            records.extend(_efficiency(client, repeats, efficiency["n_samples"], efficiency["seconds"], shapes, log))
+    add_ratios(records)
+    for r in records:
+        r["machine"] = machine
+        r["quick"] = quick
+    (out / "results.json").write_text(json.dumps(records, indent=1, allow_nan=False))
+    table = format_table(records)
+    (out / "results.md").write_text(
+        f"{table}\n\nSuite wall time {time.perf_counter() - started:.0f} s on {machine}.\n")
+    plot(records, out)
+    return records
+
+
+def _record(problem, regime, method, traces, failure, ref, repeats) -> dict:
+    base = {
+        "problem": problem.name, "kind": problem.kind, "data": problem.data, "n_samples": problem.n_samples,
+        "n_features": problem.n_features, "n_classes": problem.n_classes, "method": method, "regime": regime,
+        "library": "dask-asgd" if method in ENGINE_MODES else method.split()[0],
+        "metric": metric_name(problem), "budget_s": problem.budget_s, "cost_cap_s": problem.cost_cap_s,
+        "repeats": len(traces), "repeats_asked": repeats, **ref,
+    }
+    if failure is not None and not traces:
+        return {**base, "status": "failed", "reason": failure, "time_to_target_s": None, "final_metric": None}
+    summary = summarise(traces, ref["target_metric"], problem.budget_s)
+    return {**base, "status": "ok", "reason": failure, **summary,
+            "traces": [t.points for t in traces], "info": [t.info for t in traces]}
+
+
+def _slow_network(problem, data, ref, repeats, log) -> list[dict]:
+    from .testing.netem import EmulatedCluster, NetemUnavailable, check_available
+
+    methods = ("asgd", "sync")
+    try:
+        check_available()
+    except NetemUnavailable as e:
+        reason = " ".join(str(e).split())
+        log(f"  {SLOW_RATE}: skipped: {reason}")
+        return [{**_record(problem, SLOW_RATE, m, [], reason, ref, repeats), "status": "skipped"} for m in methods]
+    budget = Budget(ref["target_metric"], problem.budget_s, problem.cost_cap_s)
+    traces: dict[str, list[Trace]] = {m: [] for m in methods}
+    with EmulatedCluster(n_workers=2) as cluster, cluster.client() as client:
+        shaped = load(problem, client, with_local=False)
+        shaped.X, shaped.y = data.X, data.y
+        for seed in range(repeats):
+            for method in methods:
+                trace = _shaped(cluster, client, lambda m=method, s=seed: run_method(m, problem, shaped, client, budget, s))
+                traces[method].append(trace)
+                hit = next((w for w, m in trace.points if m <= budget.target), None)
+                log(f"  {SLOW_RATE} repeat {seed} {method:6s} " + (f"target at {hit:.2f} s" if hit is not None else "target not reached"))
+    return [_record(problem, SLOW_RATE, m, traces[m], None, ref, repeats) for m in methods]
+
+
+def _efficiency(client, repeats, n_samples, seconds, shapes, log) -> list[dict]:
+    """asgd samples/s over 2 x the single-process loop, with bench_engine's own code, at
+    the (features, clusters or classes) of the suite's problems."""
+    records = []
+    n_workers = len(client.scheduler_info(n_workers=-1)["workers"])
+    for kind, default in (("kmeans", (32, 64)), ("logistic", (32, 2))):
+        n_features, classes = shapes.get(kind, default)
+        problem = bench_engine.Problem(kind, n_samples, n_features, classes)
+        X, y = bench_engine.make_data(problem)
+        ratios, singles, rates = [], [], []
+        for _ in range(repeats):
+            # The baseline just before and after the cluster run, as bench_engine does.
+            before = bench_engine.single_process_rate(problem, X, y, 256, seconds / 2)
+            rate = bench_engine.asgd_rate(problem, X, y, client, 256, seconds)
+            after = bench_engine.single_process_rate(problem, X, y, 256, seconds / 2)
+            singles.append((before + after) / 2)
+            rates.append(rate)
+            ratios.append(rate / (n_workers * singles[-1]))
+        log(f"efficiency {kind}: {[round(r, 2) for r in ratios]}")
+        records.append({
+            "problem": f"efficiency-{kind}", "kind": kind, "data": "bench_engine.make_data", "n_samples": n_samples,
+            "n_features": n_features, "n_classes": classes, "method": "asgd", "regime": "local", "status": "ok", "reason": None,
+            "metric": f"asgd samples/s over {n_workers} x single-process NumPy samples/s (batch 256)",
+            "time_to_target_s": None, "final_metric": statistics.median(ratios), "final_metric_all": ratios,
+            "repeats": repeats, "single_process_samples_per_s": statistics.median(singles),
+            "asgd_samples_per_s": statistics.median(rates), "n_workers": n_workers,
+        })
+    return records
+
+
+def prepare_out(out) -> Path:
+    """The output folder, made and checked writable before any work."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"cannot write the results into {out}: {e.strerror or e}; pass a writable folder with --out") from e
+    return out
+
+
+def describe_machine() -> str:
+    cores = os.cpu_count()
+    try:
+        load = os.getloadavg()[0]
+        return f"{cores} cores, load average {load:.1f} at the start"
+    except OSError:
+        return f"{cores} cores"
+
+
+# -- output ------------------------------------------------------------------------------------
+
+def _fmt_time(r) -> str:
+    if r["status"] != "ok":
+        return r["status"]
+    t = r["time_to_target_s"]
+    shown = "not reached" if t is None else f"{t:.1f}"
+    return f"{shown} ({r['reached']}/{r['repeats']})"
+
+
+def _fmt_rel(value, ref) -> str:
+    return "-" if value is None else f"{value / ref - 1:+.2%}"
+
+
+def format_table(records: list[dict]) -> str:
+    lines = [
+        ("| problem | regime | method | time to target, s (repeats reaching it) | asgd / this | "
+         "metric at budget vs optimum | final metric vs optimum | budget, s |"),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        if r["problem"].startswith("efficiency"):
+            continue
+        ratio = "-" if r.get("asgd_over_this") is None else f"{r['asgd_over_this']:.2f}"
+        if r["status"] != "ok":
+            lines.append(f"| {r['problem']} | {r['regime']} | {r['method']} | {r['status']}: {r['reason']} | | | | |")
+            continue
+        lines.append(
+            f"| {r['problem']} | {r['regime']} | {r['method']} | {_fmt_time(r)} | {ratio} | "
+            f"{_fmt_rel(r['metric_at_budget'], r['reference_metric'])} | {_fmt_rel(r['final_metric'], r['reference_metric'])} | "
+            f"{r['budget_s']:g} |"
+        )
+    eff = [r for r in records if r["problem"].startswith("efficiency")]
+    if eff:
+        lines += ["", "| parallel efficiency | workers | 1-process samples/s | asgd samples/s | efficiency (median) | repeats |",
+                  "|---|---|---|---|---|---|"]
+        for r in eff:
+            lines.append(f"| {r['kind']} {r['n_samples']:,}x{r['n_features']} | {r['n_workers']} | "
+                         f"{r['single_process_samples_per_s']:,.0f} | {r['asgd_samples_per_s']:,.0f} | "
+                         f"{r['final_metric']:.2f} ({', '.join(f'{v:.2f}' for v in r['final_metric_all'])}) | {r['repeats']} |")
+    sizes = sorted({(r["problem"], r["n_samples"], r["n_features"], r["n_classes"]) for r in records
+                    if not r["problem"].startswith("efficiency")})
+    lines += ["", "Problems: " + "; ".join(f"{p} {n:,} x {f}, {c} {'clusters' if p.startswith('kmeans') else 'classes'}"
+                                           for p, n, f, c in sizes) + ".",
+              ("Target: 1% above the reference optimum; times are medians over the repeats, "
+               "'not reached' when fewer than half reached it within the cost cap. "
+               "asgd / this: asgd's median time to target over this method's (< 1: asgd is faster).")]
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], out: Path) -> list[Path]:
+    """``peers_<kind>.png``: metric above the optimum against wall time, a panel per problem and regime."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for kind in ("kmeans", "logistic"):
+        mine = [r for r in records if r["kind"] == kind and not r["problem"].startswith("efficiency")]
+        panels = list(dict.fromkeys((r["problem"], r["regime"]) for r in mine))
+        if not panels:
+            continue
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+        for ax, (problem, regime) in zip(axes[0], panels):
+            rows = [r for r in mine if r["problem"] == problem and r["regime"] == regime]
+            for i, r in enumerate(rows):
+                if r["status"] != "ok":
+                    ax.plot([], [], label=f"{r['method']} ({r['status']})", color=f"C{i}")
+                    continue
+                for j, points in enumerate(r["traces"]):
+                    wall = [w for w, _ in points]
+                    excess = [max(m / r["reference_metric"] - 1, 1e-5) for _, m in points]
+                    ax.plot(wall, excess, marker=".", lw=1.5 if r["method"] == "asgd" else 1, alpha=0.8,
+                            color=f"C{i}", label=r["method"] if j == 0 else None)
+            ax.axhline(TARGET_FACTOR - 1, ls=":", color="grey", label="target (+1%)")
+            ax.axvline(rows[0]["budget_s"], ls="--", color="lightgrey")
+            ax.set_yscale("log")
+            ax.set_xscale("log")
+            ax.set_xlabel("wall time from the fit call (s)")
+            ax.set_ylabel("metric / optimum - 1")
+            ax.set_title(f"{problem}, {regime}", fontsize=10)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"peers_{kind}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(args) -> int:
+    records = run(prepare_out(args.out), quick=args.quick, repeats=args.repeats)
+    print(format_table(records))
+    return 0
+
+

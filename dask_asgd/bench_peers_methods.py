@@ -26,7 +26,6 @@ change it).
 from __future__ import annotations
 
 import contextlib
-import math
 import tempfile
 import time
 import warnings
@@ -130,7 +129,7 @@ def engine_trace(make: Callable, X, y, metric_of_params: Callable, metric_of_est
         "train_s": trained,
         "teardown_s": end - t0 - trained,           # last states back, history built
         "samples": samples,
-        "samples_per_s": samples / trained if trained > 0 else math.nan,
+        "samples_per_s": samples / trained if trained > 0 else None,
         "train_offset_s": t0 - start,               # wall_s - train_offset_s = seconds of training
         "stop_reasons": sorted({str(r) for r in h.stop_reason.values}),
     }

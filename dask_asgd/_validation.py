@@ -13,6 +13,7 @@ from array_api_compat import array_namespace, is_array_api_obj
 
 from .engine import MODES
 from .filter import FILTERS
+from .models._base import to_host
 
 
 def check_positive(name: str, value, *, integer: bool = False, allow=(), allow_none: bool = False):
@@ -109,7 +110,7 @@ def check_finite(a, name: str) -> None:
     """Raise naming where NaN or inf sit in ``a`` (computes a reduction for dask arrays)."""
     if isinstance(a, da.Array):
         bad = (~da.isfinite(a)).sum(axis=0 if a.ndim == 2 else None).compute()
-        bad = np.atleast_1d(np.asarray(bad))
+        bad = np.atleast_1d(to_host(bad))  # CuPy chunks give a CuPy count
         if bad.any():
             cols = np.flatnonzero(bad)
             where = f" in column(s) {cols[:10].tolist()}" if a.ndim == 2 else ""

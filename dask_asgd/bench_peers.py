@@ -319,27 +319,12 @@ def run(out: Path, quick: bool = False, repeats: int = 3, problem_list: list[Pee
                 f"target {ref['target_metric']:.6g}")
             budget = Budget(ref["target_metric"], problem.budget_s, problem.cost_cap_s)
             names = methods[problem.kind]
-            traces: dict[str, list[Trace]] = {m: [] for m in names}
-            failed: dict[str, str] = {}
-            for seed in range(repeats):
-                for method in names:
-                    if method in failed:
-                        continue
-                    try:
-                        trace = run_method(method, problem, data, client, budget, seed)
-                    except Exception as e:  # noqa: BLE001 - a peer broken with these versions is a result, not a crash
-                        failed[method] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-                        log(f"  {method}: failed: {failed[method]}")
-                        continue
-                    traces[method].append(trace)
-                    hit = next((w for w, m in trace.points if m <= budget.target), None)
-                    log(f"  repeat {seed} {method:36s} " + (f"target at {hit:.2f} s" if hit is not None else "target not reached")
-                        + f", final {trace.points[-1][1] / ref['reference_metric'] - 1:+.2%} at {trace.points[-1][0]:.1f} s")
+            traces, failed = _repeats(names, repeats, budget, ref, log,
+                                      lambda m, seed, p=problem, d=data, b=budget: run_method(m, p, d, client, b, seed))
             for method in names:
                 records.append(_record(problem, "local", method, traces[method], failed.get(method), ref, repeats))
             if problem.name == "kmeans-blobs" and slow_network:
                 records.extend(_slow_network(problem, data, ref, repeats, log))
-            del data
         if efficiency:
             shapes = {p.kind: (p.n_features, p.n_classes) for p in reversed(problem_list) if p.data != "digits"}
             records.extend(_efficiency(client, repeats, efficiency["n_samples"], efficiency["seconds"], shapes, log))
@@ -353,6 +338,26 @@ def run(out: Path, quick: bool = False, repeats: int = 3, problem_list: list[Pee
         f"{table}\n\nSuite wall time {time.perf_counter() - started:.0f} s on {machine}.\n")
     plot(records, out)
     return records
+
+
+def _repeats(names, repeats, budget, ref, log, run_one, label=""):
+    """``run_one(method, seed)`` for every repeat, the methods taking turns; a failed
+    run is a result (its reason is kept), and the other repeats still run."""
+    traces: dict[str, list[Trace]] = {m: [] for m in names}
+    failed: dict[str, list[str]] = {m: [] for m in names}
+    for seed in range(repeats):
+        for method in names:
+            try:
+                trace = run_one(method, seed)
+            except Exception as e:  # noqa: BLE001 - a peer broken with these versions is a result, not a crash
+                failed[method].append(f"repeat {seed}: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+                log(f"  {label}repeat {seed} {method}: failed: {failed[method][-1]}")
+                continue
+            traces[method].append(trace)
+            hit = next((w for w, m in trace.points if m <= budget.target), None)
+            log(f"  {label}repeat {seed} {method:36s} " + (f"target at {hit:.2f} s" if hit is not None else "target not reached")
+                + f", final {trace.points[-1][1] / ref['reference_metric'] - 1:+.2%} at {trace.points[-1][0]:.1f} s")
+    return traces, {m: "; ".join(f) for m, f in failed.items() if f}
 
 
 def _record(problem, regime, method, traces, failure, ref, repeats) -> dict:
@@ -381,17 +386,19 @@ def _slow_network(problem, data, ref, repeats, log) -> list[dict]:
         log(f"  {SLOW_RATE}: skipped: {reason}")
         return [{**_record(problem, SLOW_RATE, m, [], reason, ref, repeats), "status": "skipped"} for m in methods]
     budget = Budget(ref["target_metric"], problem.budget_s, problem.cost_cap_s)
-    traces: dict[str, list[Trace]] = {m: [] for m in methods}
-    with EmulatedCluster(n_workers=2) as cluster, cluster.client() as client:
-        shaped = load(problem, client, with_local=False)
-        shaped.X, shaped.y = data.X, data.y
-        for seed in range(repeats):
-            for method in methods:
-                trace = _shaped(cluster, client, lambda m=method, s=seed: run_method(m, problem, shaped, client, budget, s))
-                traces[method].append(trace)
-                hit = next((w for w, m in trace.points if m <= budget.target), None)
-                log(f"  {SLOW_RATE} repeat {seed} {method:6s} " + (f"target at {hit:.2f} s" if hit is not None else "target not reached"))
-    return [_record(problem, SLOW_RATE, m, traces[m], None, ref, repeats) for m in methods]
+    try:
+        with EmulatedCluster(n_workers=2) as cluster, cluster.client() as client:
+            shaped = load(problem, client, with_local=False)
+            shaped.X, shaped.y = data.X, data.y
+            traces, failed = _repeats(
+                methods, repeats, budget, ref, log,
+                lambda m, seed: _shaped(cluster, client, lambda: run_method(m, problem, shaped, client, budget, seed)),
+                label=f"{SLOW_RATE} ")
+    except Exception as e:  # noqa: BLE001 - the emulated cluster itself failed: recorded, the suite goes on
+        reason = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        log(f"  {SLOW_RATE}: failed: {reason}")
+        return [{**_record(problem, SLOW_RATE, m, [], reason, ref, repeats), "status": "failed"} for m in methods]
+    return [_record(problem, SLOW_RATE, m, traces[m], failed.get(m), ref, repeats) for m in methods]
 
 
 def _efficiency(client, repeats, n_samples, seconds, shapes, log) -> list[dict]:

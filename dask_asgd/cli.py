@@ -67,6 +67,7 @@ def _demo(args) -> int:
 
 def _run(args) -> int:
     from .cluster import connect, dashboard_link
+    from .engine._chains import worker_addresses
     from .pipeline import Pipeline
     from .progress import Progress
 
@@ -78,7 +79,7 @@ def _run(args) -> int:
         out = pipeline.prepare_output(args.out)
         print(f"pipeline {pipeline.name!r} from {args.pipeline}; outputs into {out}", flush=True)
         with connect(args.scheduler, args.workers) as client:
-            workers = len(client.scheduler_info(n_workers=-1)["workers"])
+            workers = len(worker_addresses(client))
             where = args.scheduler or "an embedded LocalCluster"
             print(f"cluster: {where}, scheduler {client.scheduler.address}, {workers} worker(s)", flush=True)
             link = dashboard_link(client)

@@ -17,6 +17,7 @@ from distributed import Client, get_client, wait
 
 from . import __version__, _toml
 from .cluster import connect, dashboard_link
+from .engine._chains import worker_addresses
 from .errors import ConfigError, MissingFileError, SchedulerUnreachable, TrainingFailed
 from .outputs import Outputs
 from .preprocessing import STEPS, SelectFeatures, Split, Standardize
@@ -323,7 +324,7 @@ class Pipeline:
         out_dir = self.prepare_output(out) if writes else None
         start = time.perf_counter()
         with _client_context(client) as cluster_client:
-            n_workers = len(cluster_client.scheduler_info(n_workers=-1)["workers"])
+            n_workers = len(worker_addresses(cluster_client))
             with progress.stage("source", f"{self.source.kind}: building/reading the data on the workers"):
                 data = self.source.load(self.base_dir, cluster_client).persist(cluster_client)
                 _wait(data)

@@ -21,6 +21,18 @@ CHAIN_DEPTH = 2
 MEMBERSHIP_POLL = 0.5
 
 
+def worker_addresses(client: Client) -> set[str]:
+    """The workers the scheduler has now. Asked of the scheduler itself:
+    ``Client.scheduler_info()`` returns a cache that the client's own periodic
+    refresh can replace, between the fetch and the return, with one that lists
+    no workers (seen under load: every worker of a fit looked lost at once)."""
+    return set(client.run_on_scheduler(_scheduler_workers))
+
+
+def _scheduler_workers(dask_scheduler) -> list[str]:
+    return list(dask_scheduler.workers)
+
+
 class AllWorkersLost(RuntimeError):
     """Every worker training the run has left the cluster."""
 
@@ -133,7 +145,7 @@ class ChainKeeper:
 
     # -- membership -------------------------------------------------------------------
     def _workers(self) -> set[str]:
-        return set(self.client.scheduler_info(n_workers=-1)["workers"])
+        return worker_addresses(self.client)
 
     def _check_membership(self) -> None:
         workers = self._workers()

@@ -19,7 +19,7 @@ from .. import config
 from ..balance._monitor import Monitor
 from ..channel import Channel
 from ..models import SGDModel
-from ._chains import AllWorkersLost, ChainKeeper, SchedulerLost
+from ._chains import AllWorkersLost, ChainKeeper, SchedulerLost, worker_addresses
 from ._checkpointer import Checkpointer
 from ._data import Shard, place
 from ._history import build_history
@@ -70,7 +70,7 @@ def fit(
     ``start_from``: an initial ``(params, aux)`` (resuming) instead of one computed
     from the data; ``checkpoint_dir``: where to write checkpoints while training.
     """
-    workers = sorted(client.scheduler_info()["workers"])
+    workers = sorted(worker_addresses(client))
     if not workers:
         raise RuntimeError("the Dask cluster has no workers; start some (dask worker ADDRESS) and fit again")
     if mode == "sequential":

@@ -103,12 +103,12 @@ def test_each_poison_is_what_it_says():
     target = Target("asgd/x/asgd", "float64", shapes, ("tcp://a:1",))
     spec = PayloadSpec("float64", shapes)
     reasons = {"nan": "NaN or inf", "inf": "NaN or inf", "wrong_shape": "shape", "wrong_dtype": "dtype",
-               "unknown_key": "unknown key"}
+               "unknown_key": "unknown key", "long_meta": "longer than 1024 characters"}
     rng = np.random.default_rng(0)
     for kind in POISONS:
         for _ in range(20):
-            key, payload = poison_message(kind, target, rng)
-            problem = spec.problem(key, payload, {})
+            key, payload, meta = poison_message(kind, target, rng)
+            problem = spec.problem(key, payload, meta)
             if kind in MALFORMED:
                 assert problem is not None and reasons[kind] in problem, (kind, problem)
             else:

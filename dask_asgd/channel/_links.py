@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
-
+from typing import Any
 
 MAX_TOPICS = 64
 
@@ -137,7 +137,7 @@ class PeerLink:
         self._on_wire[id(message)] = start
         try:
             reply = await asyncio.wait_for(self._send(self.address, message), self._timeout)
-        except Exception as exc:  # a peer that left or broke must not harm the sender
+        except Exception as exc:  # noqa: BLE001 -- a peer that left or broke must not harm the sender
             self._count(message.topic, "failed")
             self.last_error = f"{type(exc).__name__}: {exc}"
         else:

@@ -143,7 +143,7 @@ class Channel(WorkerPlugin):
                 return {"status": "dropped", "reason": reason}
             box.put(Message(sender, key, payload, meta))
             return {"status": "ok"}
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 -- raising here would cost the connection
             self.dropped["error"] += 1
             logger.warning("dropped message that broke delivery: %r", exc)
             return {"status": "dropped", "reason": repr(exc)}

@@ -10,6 +10,7 @@ from array_api_compat import device as device_of
 
 _META_TYPES = (int, float, str, bool)
 MAX_META_ITEMS = 16
+MAX_META_TEXT = 1024  # characters in one meta string: a mailbox slot holds its message until read
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,10 @@ class PayloadSpec:
             return "meta is not a small dict"
         if not all(isinstance(k, str) and isinstance(v, _META_TYPES) for k, v in meta.items()):
             return "meta holds values other than numbers and strings"
-        if self.finite:
-            if not bool(xp.all(xp.isfinite(payload))):
-                return "payload holds NaN or inf"
+        if any(len(text) > MAX_META_TEXT for item in meta.items() for text in item if isinstance(text, str)):
+            return f"meta holds a string longer than {MAX_META_TEXT} characters"
+        if self.finite and not bool(xp.all(xp.isfinite(payload))):
+            return "payload holds NaN or inf"
         return None
 
 

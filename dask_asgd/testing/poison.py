@@ -13,10 +13,10 @@ from distributed import Client
 
 from ..channel import Channel
 
-POISONS = ("nan", "inf", "huge", "wrong_shape", "wrong_dtype", "unknown_key", "random")
+POISONS = ("nan", "inf", "huge", "wrong_shape", "wrong_dtype", "unknown_key", "long_meta", "random")
 # Poisons that the channel's validation must drop (counted as ``malformed``); the
 # others are well-formed arrays that only the update filter can refuse.
-MALFORMED = ("nan", "inf", "wrong_shape", "wrong_dtype", "unknown_key")
+MALFORMED = ("nan", "inf", "wrong_shape", "wrong_dtype", "unknown_key", "long_meta")
 HUGE = 1e300
 
 
@@ -62,7 +62,7 @@ def find_run(client: Client, timeout: float = 60.0, interval: float = 0.05, skip
 
 
 def poison_message(kind: str, target: Target, rng: np.random.Generator, scale: float = 1.0):
-    """``(key, payload)`` of one message of the given poison for ``target``.
+    """``(key, payload, meta)`` of one message of the given poison for ``target``.
 
     Keys are drawn over every slice the topic accepts, so the messages fill many
     mailbox slots at once rather than overwriting each other in one.
@@ -72,19 +72,21 @@ def poison_message(kind: str, target: Target, rng: np.random.Generator, scale: f
     shape = target.shapes[key]
     payload = rng.normal(scale=scale, size=shape).astype(target.dtype)
     if kind == "random":
-        return key, payload
+        return key, payload, {}
     if kind == "huge":
-        return key, np.full(shape, HUGE, dtype=target.dtype)
+        return key, np.full(shape, HUGE, dtype=target.dtype), {}
     if kind in ("nan", "inf"):
         payload.reshape(-1)[int(rng.integers(payload.size))] = np.nan if kind == "nan" else np.inf
-        return key, payload
+        return key, payload, {}
     if kind == "wrong_shape":
-        return key, rng.normal(size=(shape[0] + 1, *shape[1:])).astype(target.dtype)
+        return key, rng.normal(size=(shape[0] + 1, *shape[1:])).astype(target.dtype), {}
     if kind == "wrong_dtype":
         other = "float32" if np.dtype(target.dtype) != np.float32 else "float64"
-        return key, payload.astype(other)
+        return key, payload.astype(other), {}
     if kind == "unknown_key":
-        return max(keys) + 1 + int(rng.integers(1000)), payload
+        return max(keys) + 1 + int(rng.integers(1000)), payload, {}
+    if kind == "long_meta":
+        return key, payload, {"reason": "x" * 100_000}
     raise ValueError(f"poison {kind!r} is not known; use one of {', '.join(POISONS)}")
 
 
@@ -110,8 +112,8 @@ class _Attack:
             for _ in range(max(1, min(int(behind), int(0.25 / self.period) + 1))):
                 for worker in self.target.workers:
                     kind = self.kinds[self.published % len(self.kinds)]
-                    key, payload = poison_message(kind, self.target, self.rng, self.scale)
-                    self.channel.publish(self.target.topic, worker, payload, key=key)
+                    key, payload, meta = poison_message(kind, self.target, self.rng, self.scale)
+                    self.channel.publish(self.target.topic, worker, payload, key=key, meta=meta)
                     self.published += 1
                 rounds += 1
             await asyncio.sleep(max(0.0, self.started + rounds * self.period - time.monotonic()))

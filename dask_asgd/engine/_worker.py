@@ -161,14 +161,13 @@ class WorkerRun:
         self.best_loss = math.inf
         self.epochs_without_gain = 0
         self.loss = self._eval_loss()
-        self._order = self.rng.permutation(self.n_rows)
+        self._order = self._shuffled()
         self._pos = 0
         self._epoch_ended = False
         self._since_exchange = 0
         self._rows: list[dict] = []
         self._next_tick = 0
         self._due = 0.0  # perf_counter() time of the next history row
-        self._host_indices = isinstance(self.X, np.ndarray)
 
         self.comm_interval = spec.comm_interval
         self.level = spec.level(spec.message_size)
@@ -199,7 +198,7 @@ class WorkerRun:
         """Train on these rows from now on (the driver moved rows to or from this worker)."""
         self.X, self.y = _concat(X_chunks), _concat(y_chunks)
         self.n_rows = self.X.shape[0]
-        self._order = self.rng.permutation(self.n_rows)
+        self._order = self._shuffled()
         self._pos = 0
 
     @property
@@ -259,16 +258,20 @@ class WorkerRun:
         else:
             parts = []
             while size > 0:
-                part = self._order[self._pos:self._pos + size]
+                part = self._order[self._pos:min(self._pos + size, self.n_rows)]
                 parts.append(part)
                 size -= part.shape[0]
                 self._pos += part.shape[0]
                 if self._pos == self.n_rows:
-                    self._order = self.rng.permutation(self.n_rows)
+                    self._order = self._shuffled()
                     self._pos = 0
                     self._epoch_ended = True
-            idx = np.concatenate(parts)
-        return idx if self._host_indices else host_to(self.xp, idx, self.X)
+            idx = self.xp.concat(parts)
+        return idx
+
+    def _shuffled(self):
+        # One copy to the rows' device per local epoch, not one per batch.
+        return host_to(self.xp, self.rng.permutation(self.n_rows), self.X)
 
     def _end_of_epoch(self) -> None:
         self.epoch += 1

@@ -122,3 +122,18 @@ def test_worker_joining_mid_fit_takes_part_from_a_peers_state():
     assert float(mine.loss[0]) < first_loss, (float(mine.loss[0]), first_loss)
     reference = sklearn.linear_model.LogisticRegression().fit(X, y).score(X, y)
     assert est.score(X, y) >= reference - 0.01
+
+
+def test_sync_workers_stop_in_the_same_round(client):
+    # A peer one round ahead overwrites its previous message before it is read;
+    # its stop flag used to end the lagging worker a round early, and the other
+    # then waited out the barrier's timeout (30 s) for a message that never came.
+    X, y = make_classification(100_000, 16, random_state=0)
+    for seed in range(5):
+        start = time.perf_counter()
+        h = LogisticRegression(mode="sync", max_time=1.0, tol=None, max_epochs=1000, random_state=seed,
+                               client=client).fit(X, y).history_
+        assert time.perf_counter() - start < 20
+        assert set(h.stop_reason.values) == {"max_time"}
+        sent = h.messages_sent.isel(time=-1).values
+        assert sent[0] == sent[1] > 0, sent  # the same number of rounds on both

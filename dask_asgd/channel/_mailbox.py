@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,3 +75,56 @@ class Mailbox:
 
     def __len__(self) -> int:
         return len(self._slots)
+
+
+class EarlyMessages:
+    """Messages for topics this worker has not subscribed to yet, held for the
+    subscriber that is about to come: a peer that starts first may send before
+    this worker's task has opened its mailbox (a sync round lost that way left
+    its peer waiting out the barrier's timeout). Newest per (topic, sender, key);
+    at most ``limit`` in all, oldest dropped first; none for topics already closed.
+
+    Example::
+
+        early = EarlyMessages(limit=64)
+        early.hold("run/1", Message("tcp://a:1", 0, np.zeros(10)))   # True: held
+        early.release("run/1")                                      # [that message]
+        early.close("run/1"); early.hold("run/1", ...)              # False: closed
+    """
+
+    limit: int
+    evicted: int
+
+    def __init__(self, limit: int, closed_memory: int = 1024):
+        self.limit = limit
+        self.evicted = 0
+        self._held: OrderedDict[tuple[str, str, int], Message] = OrderedDict()
+        self._closed: deque[str] = deque(maxlen=closed_memory)
+        self._lock = threading.Lock()
+
+    def hold(self, topic: str, message: Message) -> bool:
+        with self._lock:
+            if topic in self._closed or self.limit < 1:
+                return False
+            slot = (topic, message.sender, message.key)
+            self._held.pop(slot, None)
+            self._held[slot] = message
+            while len(self._held) > self.limit:
+                self._held.popitem(last=False)
+                self.evicted += 1
+            return True
+
+    def release(self, topic: str) -> list[Message]:
+        """The held messages of ``topic``, oldest first; they are no longer held."""
+        with self._lock:
+            slots = [slot for slot in self._held if slot[0] == topic]
+            return [self._held.pop(slot) for slot in slots]
+
+    def close(self, topic: str) -> None:
+        with self._lock:
+            self._closed.append(topic)
+            for slot in [slot for slot in self._held if slot[0] == topic]:
+                del self._held[slot]
+
+    def __len__(self) -> int:
+        return len(self._held)

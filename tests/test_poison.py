@@ -207,3 +207,24 @@ def test_random_states_at_ten_times_the_rate_do_not_slow_convergence(clusters):
     assert summary["all_reached_target"], rows
     assert max(r["final_loss_ratio"] for r in rows) <= 1.05, rows
     assert summary["slowdown_samples"] <= 1.5, rows
+
+
+@pytest.mark.timeout(120)
+def test_updates_from_outside_the_run_are_dropped(clusters):
+    # Well-formed random states under the attacker's own address: the workers take
+    # updates only from the run's peers, so none of them even reaches the filter.
+    client, attacker = clusters
+    X = _blobs(100_000)
+    dropped_before = client.run(_dropped)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fitting = pool.submit(KMeans(10, max_epochs=6, tol=None, comm_interval=16384, message_size=1 << 20,
+                                     random_state=0, client=client).fit, X)
+        try:
+            attacker.start(find_run(client, timeout=60), ["random"], rate=100.0, pose_as_peer=False)
+        finally:
+            h = fitting.result().history_
+            stats = attacker.stop()
+    assert stats["delivered"] > 0, stats
+    assert int(h.malformed.isel(time=-1).sum()) > 0  # dropped by the workers, as not from a peer
+    after = client.run(_dropped)
+    assert all(after[w].get("malformed", 0) == dropped_before[w].get("malformed", 0) for w in after)  # not by the channel

@@ -82,7 +82,9 @@ class EarlyMessages:
     subscriber that is about to come: a peer that starts first may send before
     this worker's task has opened its mailbox (a sync round lost that way left
     its peer waiting out the barrier's timeout). Newest per (topic, sender, key);
-    at most ``limit`` in all, oldest dropped first; none for topics already closed.
+    at most ``limit`` messages and ``max_bytes`` of payload in all (a peer cannot
+    fill memory with topics nobody reads), oldest dropped first; none for topics
+    already closed.
 
     Example::
 
@@ -95,9 +97,11 @@ class EarlyMessages:
     limit: int
     evicted: int
 
-    def __init__(self, limit: int, closed_memory: int = 1024):
+    def __init__(self, limit: int, max_bytes: float = float("inf"), closed_memory: int = 1024):
         self.limit = limit
+        self.max_bytes = max_bytes
         self.evicted = 0
+        self._bytes = 0
         self._held: OrderedDict[tuple[str, str, int], Message] = OrderedDict()
         self._closed: deque[str] = deque(maxlen=closed_memory)
         self._lock = threading.Lock()
@@ -106,11 +110,16 @@ class EarlyMessages:
         with self._lock:
             if topic in self._closed or self.limit < 1:
                 return False
+            size = _nbytes(message)
+            if size > self.max_bytes:
+                return False
             slot = (topic, message.sender, message.key)
-            self._held.pop(slot, None)
+            old = self._held.pop(slot, None)
+            self._bytes += size - (0 if old is None else _nbytes(old))
             self._held[slot] = message
-            while len(self._held) > self.limit:
-                self._held.popitem(last=False)
+            while len(self._held) > self.limit or self._bytes > self.max_bytes:
+                _, dropped = self._held.popitem(last=False)
+                self._bytes -= _nbytes(dropped)
                 self.evicted += 1
             return True
 
@@ -118,13 +127,19 @@ class EarlyMessages:
         """The held messages of ``topic``, oldest first; they are no longer held."""
         with self._lock:
             slots = [slot for slot in self._held if slot[0] == topic]
-            return [self._held.pop(slot) for slot in slots]
+            released = [self._held.pop(slot) for slot in slots]
+            self._bytes -= sum(map(_nbytes, released))
+            return released
 
     def close(self, topic: str) -> None:
         with self._lock:
             self._closed.append(topic)
             for slot in [slot for slot in self._held if slot[0] == topic]:
-                del self._held[slot]
+                self._bytes -= _nbytes(self._held.pop(slot))
 
     def __len__(self) -> int:
         return len(self._held)
+
+
+def _nbytes(message: Message) -> int:
+    return int(getattr(message.payload, "nbytes", 0))

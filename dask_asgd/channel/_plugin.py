@@ -57,7 +57,8 @@ class Channel(WorkerPlugin):
             )
         self._timeout = float(config.get("channel.send-timeout"))
         self._log_length = int(config.get("channel.log-length"))
-        self.early = EarlyMessages(int(config.get("channel.early-messages")))
+        self.early = EarlyMessages(int(config.get("channel.early-messages")),
+                                   max_bytes=float(config.get("channel.early-megabytes")) * 2**20)
         worker.handlers[HANDLER] = self._on_deliver
 
     async def teardown(self, worker):

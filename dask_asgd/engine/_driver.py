@@ -98,6 +98,7 @@ def fit(
         comm_interval=comm_interval,
         message_size=message_size,
         update_filter=update_filter,
+        filter_window=float(config.get("filter.window")),
         max_epochs=max_epochs,
         max_time=max_time,
         tol=tol,

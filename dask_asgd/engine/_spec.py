@@ -40,6 +40,7 @@ class RunSpec:
     probe_interval: float = 1.0
     share_state: bool = False  # send the state with every task result (for checkpoints)
     max_levels: int = 12
+    filter_window: float = 0.5  # asgd.filter.window
 
     @property
     def topic(self) -> str:

@@ -13,6 +13,7 @@ import numpy as np
 from array_api_compat import array_namespace, device
 from distributed import get_worker
 
+from ..balance._law import BalancerSettings
 from ..channel import PayloadSpec, get_channel
 from ..filter import UpdateFilter
 from ..models._base import host_to, to_host
@@ -25,6 +26,9 @@ BALANCE_SPEC = PayloadSpec("int64", {0: (2,)})
 PROBE_SPEC = PayloadSpec("float64", {0: (1,)})
 PROBE_PAYLOAD = np.zeros(1)
 STARTING_PROBES = 4
+# Balance settings come from the scheduler's monitor, under this sender name.
+BALANCER = "scheduler"
+MAX_INTERVAL = BalancerSettings().max_interval
 
 # Runs live on the worker between the tasks of their chain. A finished run leaves
 # its id behind, so a task queued after the end returns at once instead of
@@ -147,7 +151,7 @@ class WorkerRun:
         self.aux = None if aux is None else host_to(self.xp, aux, self.X)
         self.rng = np.random.default_rng([spec.seed, worker_index])
         self.peer_rng = np.random.default_rng([spec.seed, worker_index, 1])
-        self.filter = UpdateFilter(spec.update_filter)
+        self.filter = UpdateFilter(spec.update_filter, window=spec.filter_window)
 
         # The same rows for every worker, drawn from all of them: losses compare
         # across workers, and show how well a worker's state fits all the data
@@ -317,6 +321,9 @@ class WorkerRun:
         self._since_exchange = 0
         self._apply_balance()
         for message in self.mailbox.take():
+            if message.sender not in self.spec.peers:
+                self.mailbox.malformed += 1  # well formed, but not from this run's workers
+                continue
             start, stop = self.spec.bounds(message.key)
             if self.filter.accept(before[start:stop], self.params[start:stop], message.payload):
                 self.params[start:stop] = (self.params[start:stop] + message.payload) / 2
@@ -335,13 +342,14 @@ class WorkerRun:
         """Take the balancer's newest setting for this worker, if one came."""
         if self.balance_box is None:
             return
-        messages = self.balance_box.take()
+        messages = [m for m in self.balance_box.take() if m.sender == BALANCER]
         if not messages:
             return
         newest = messages[-1]
         interval, size = (int(v) for v in newest.payload)
+        # Within what the balancer itself would ever choose.
         if self.spec.auto_interval and interval > 0:
-            self.comm_interval = interval
+            self.comm_interval = min(max(interval, self.spec.batch_size), MAX_INTERVAL)
         if self.spec.auto_size and size > 0:
             self.level = self.spec.level(size)
         self.adjustments.append({
@@ -408,7 +416,10 @@ class WorkerRun:
         deadline = time.monotonic() + self.spec.sync_timeout
         while True:
             for message in self.mailbox.take():
-                self._sync_latest[message.sender] = message
+                if message.sender in self.spec.peers:
+                    self._sync_latest[message.sender] = message
+                else:
+                    self.mailbox.malformed += 1
             peers = self._peers()
             missing = [p for p in peers if self._round_of(p) < self.round]
             left = deadline - time.monotonic()

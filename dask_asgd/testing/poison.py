@@ -1,6 +1,7 @@
 """A hostile peer for tests and measurements: a worker outside a training run that
 publishes poison (NaN, inf, huge values, wrong shapes or dtypes, unknown keys, random
-states) on the run's update topic, through the channel, as any peer could."""
+states) on the run's update topic, through the channel, posing as one of the run's
+own workers (a compromised peer: workers take updates only from the run's peers)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from distributed import Client
+from distributed.protocol import to_serialize
 
 from ..channel import Channel
+from ..engine._chains import worker_addresses
 
 POISONS = ("nan", "inf", "huge", "wrong_shape", "wrong_dtype", "unknown_key", "long_meta", "random")
 # Poisons that the channel's validation must drop (counted as ``malformed``); the
@@ -90,6 +93,23 @@ def poison_message(kind: str, target: Target, rng: np.random.Generator, scale: f
     raise ValueError(f"poison {kind!r} is not known; use one of {', '.join(POISONS)}")
 
 
+class InsiderChannel(Channel):
+    """The attacker's channel: to each target, its messages claim to come from
+    another of the run's workers. The sender field is the sender's word only, so
+    a compromised peer can do this; the receiver validates everything else."""
+
+    impersonate: dict[str, str] = {}
+
+    async def _send(self, peer: str, message):
+        return await self.worker.rpc(peer).asgd_deliver(
+            topic=message.topic,
+            key=message.key,
+            sender=self.impersonate.get(peer, self.worker.address),
+            payload=to_serialize(message.payload),
+            meta=message.meta,
+        )
+
+
 class _Attack:
     """The publishing loop on the attacker worker's event loop."""
 
@@ -133,10 +153,14 @@ class _Attack:
         }
 
 
-async def _start(target, kinds, rate, seed, scale, dask_worker):
+async def _start(target, kinds, rate, seed, scale, pose_as_peer, dask_worker):
     if getattr(dask_worker, "_asgd_attack", None) is not None:
         dask_worker._asgd_attack.stop()
-    dask_worker._asgd_attack = _Attack(dask_worker.plugins[Channel.name], target, kinds, rate, seed, scale)
+    channel = dask_worker.plugins[Channel.name]
+    channel.impersonate = (
+        {w: next((o for o in target.workers if o != w), w) for w in target.workers} if pose_as_peer else {}
+    )
+    dask_worker._asgd_attack = _Attack(channel, target, kinds, rate, seed, scale)
 
 
 async def _stop(dask_worker):
@@ -149,7 +173,7 @@ class Attacker:
 
     Messages go through the attacker's own channel (``Channel.publish``), so they
     reach the targets' handler exactly as a peer's do: over TCP (or TLS), to the
-    same handler, validated the same way.
+    same handler, validated the same way, under the name of one of the run's workers.
 
     Example::
 
@@ -163,15 +187,18 @@ class Attacker:
     def __init__(self, client: Client):
         self.client = client
         self.running = False
-        client.register_plugin(Channel())
-        self.address = min(client.scheduler_info()["workers"])
+        client.register_plugin(InsiderChannel())
+        self.address = min(worker_addresses(client))
 
-    def start(self, target: Target, kinds, rate: float, seed: int = 0, scale: float = 1.0) -> None:
+    def start(self, target: Target, kinds, rate: float, seed: int = 0, scale: float = 1.0,
+              pose_as_peer: bool = True) -> None:
+        """Publish ``kinds`` of poison to each of the target's workers, ``rate`` times a
+        second; ``pose_as_peer=False``: under the attacker's own address."""
         kinds = tuple([kinds] if isinstance(kinds, str) else kinds)
         unknown = [k for k in kinds if k not in POISONS]
         if unknown or not kinds:
             raise ValueError(f"poisons {unknown or kinds!r} are not known; use some of {', '.join(POISONS)}")
-        self.client.run(_start, target, kinds, float(rate), seed, float(scale), workers=[self.address])
+        self.client.run(_start, target, kinds, float(rate), seed, float(scale), pose_as_peer, workers=[self.address])
         self.running = True
 
     def stop(self) -> dict:

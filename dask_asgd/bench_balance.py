@@ -45,11 +45,18 @@ def settings(n_params: int, quick: bool) -> list[Setting]:
 
 def _problem(name: str, n_samples: int):
     # 64k parameters (512 KB in float64) for both: the issue's 0.5-2 MB state.
+    # Rows sorted by blob (class), so each worker holds different blobs: a
+    # worker's state fits all the data (the shared evaluation rows history_'s
+    # loss is measured on) only through what its peers send. With every worker
+    # holding a fair sample instead, each converges alone and the network
+    # hardly matters. No update filter: on such rows a worker's own step moves
+    # away from its peers' states by construction, and the Parzen test rejects
+    # nearly all of them (measured: 2 of 79 K-Means states, 0 of 304 logistic).
     if name == "kmeans":
-        X, _ = make_blobs(n_samples, 64, 1000, chunk_rows=n_samples // 4, random_state=0)
-        return X, None, lambda **kw: KMeans(1000, **kw)
-    X, y = make_blobs(n_samples, 1000, 64, cluster_std=8.0, chunk_rows=n_samples // 4, random_state=1)
-    return X, y, lambda **kw: LogisticRegression(alpha=1e-4, learning_rate=0.05, **kw)
+        X, _ = make_blobs(n_samples, 64, 1000, chunk_rows=n_samples // 4, ordered=True, random_state=0)
+        return X, None, lambda **kw: KMeans(1000, update_filter=None, **kw)
+    X, y = make_blobs(n_samples, 1000, 64, cluster_std=8.0, chunk_rows=n_samples // 4, ordered=True, random_state=1)
+    return X, y, lambda **kw: LogisticRegression(alpha=1e-4, learning_rate=0.05, update_filter=None, **kw)
 
 
 def _run_one(cluster, client, make, X, y, setting: Setting, regime, budget: float):
@@ -60,7 +67,10 @@ def _run_one(cluster, client, make, X, y, setting: Setting, regime, budget: floa
     def fit():
         est = make(comm_interval=setting.comm_interval, message_size=setting.message_size,
                    max_epochs=1_000_000, max_time=budget, tol=None, random_state=0, client=client)
-        result["h"] = (est.fit(X) if y is None else est.fit(X, y)).history_
+        try:
+            result["h"] = (est.fit(X) if y is None else est.fit(X, y)).history_
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            result["error"] = e
 
     before = set(client.run_on_scheduler(_run_ids))
     training = threading.Thread(target=fit)
@@ -77,6 +87,8 @@ def _run_one(cluster, client, make, X, y, setting: Setting, regime, budget: floa
         cluster.set_rate(rate)
     training.join()
     cluster.set_rate(None)
+    if "error" in result:
+        raise result["error"]
     return result["h"]
 
 
@@ -120,9 +132,13 @@ def run(out: Path, quick: bool = False, budget: float | None = None, problems=("
                     h = _run_one(cluster, client, make, X, y, setting, regime, budget)
                     histories[regime_name, setting.name] = h
                     print(f"{problem:8s} {regime_name:10s} {setting.name:22s} final loss {float(h.loss.mean('worker')[-1]):.5g}", flush=True)
-            # The target: 2% above the best loss any setting reached unshaped.
-            best = min(float(h.loss.mean("worker").min()) for (r, _), h in histories.items() if r == "unshaped")
-            target = best * 1.02 if best > 0 else best * 0.98
+            # The target: 95% of the way from the initial loss to the best any
+            # setting reached unshaped (scale-free: K-Means' inertia falls by a
+            # quarter, the logistic loss by four orders of magnitude).
+            unshaped = [h.loss.mean("worker") for (r, _), h in histories.items() if r == "unshaped"]
+            best = min(float(loss.min()) for loss in unshaped)
+            start = float(np.median([float(loss[0]) for loss in unshaped]))
+            target = best + 0.05 * (start - best)
             for (regime_name, setting_name), h in histories.items():
                 records.append({"problem": problem, "regime": regime_name, "setting": setting_name,
                                 "target_loss": target, "budget_s": budget, **summarise(h, target)})

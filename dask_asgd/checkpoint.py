@@ -148,7 +148,10 @@ def load(path, *, model: str | None = None, n_params: int | None = None, dtype=N
         with np.load(path, allow_pickle=False) as f:
             stored = {name: f[name] for name in f.files}  # reading every member checks its zip CRC
     except ValueError as e:
-        if "allow_pickle" in str(e):  # numpy refused to unpickle: say so, it is no accident
+        # numpy refused to unpickle: an object array (in a .npz or .npy), or a file
+        # that is a pickle (protocol 2+ starts with 0x80); numpy takes any other
+        # unknown file for a pickle too, and that is mere corruption.
+        if "Object arrays" in str(e) or ("allow_pickle" in str(e) and _starts_with(path, b"\x80")):
             raise CorruptCheckpoint(
                 f"checkpoint {path} holds pickled Python objects, which no checkpoint does and which could run "
                 "code when loaded; it was not loaded. Delete it, and find out who wrote it"
@@ -228,3 +231,8 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _starts_with(path, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic

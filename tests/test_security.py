@@ -265,8 +265,12 @@ def test_fit_without_a_client_listens_on_localhost_only():
 def test_pipeline_text_that_looks_like_code_stays_text_or_is_refused(tmp_path):
     marker = tmp_path / "code-ran"
     code = f"__import__('pathlib').Path({str(marker)!r}).touch()"  # no double quotes: a TOML string
-    pipeline = Pipeline.from_string(f'name = "{code}"\n[source]\nkind = "blobs"\n[train]\nestimator = "kmeans"\n')
-    assert pipeline.name == code  # a string, kept as written
+    # As a name it would also be a path (results/<name>): refused for its '/'.
+    with pytest.raises(ConfigError, match="name = .* is not valid"):
+        Pipeline.from_string(f'name = "{code}"\n[source]\nkind = "blobs"\n[train]\nestimator = "kmeans"\n')
+    harmless = "__import__('os').getpid()"
+    pipeline = Pipeline.from_string(f'name = "{harmless}"\n[source]\nkind = "blobs"\n[train]\nestimator = "kmeans"\n')
+    assert pipeline.name == harmless  # a string, kept as written
     refused = {
         f'[source]\nkind = "blobs"\n[train]\nestimator = "{code}"\n': "estimator = .* is not known",
         f'[source]\nkind = "{code}"\n[train]\n': "kind = .* is not known",

@@ -76,7 +76,8 @@ class ChainKeeper:
         self.rows: dict[str, list[dict]] = {s.address: [] for s in shards}
         self.adjustments: list[dict] = []
         self.events: list[dict] = []
-        self.known_workers = set(self._workers())
+        # Workers that came while the fit was setting up count as newcomers too.
+        self.known_workers = {s.address for s in shards}
 
     # -- the loop ---------------------------------------------------------------------
     def run(self):

@@ -62,6 +62,12 @@ def initial_state(model, samples, seed: int):
     return model.init_params(X, y, np.random.default_rng(seed))
 
 
+def best_state(model, samples, candidates):
+    """The candidate initial state with the lowest loss on the samples."""
+    X, y = join_samples(samples)
+    return min(candidates, key=lambda state: model.loss(state[0], X, y))
+
+
 def train_segment(spec: RunSpec, worker_index: int, X_chunks, y_chunks, init, evaluation, previous) -> dict:
     """One link of a worker's training chain: train for ``spec.segment_seconds``.
 

@@ -91,7 +91,8 @@ def test_sync_barrier_goes_on_without_a_killed_worker(cluster3):
         est = KMeans(10, mode="sync", random_state=0, max_epochs=100_000, max_time=8.0, tol=None, client=cluster3)
         est, victim, seconds = _fit_and_kill(cluster3, est, X, after=2.0)
     h = est.history_
-    assert list(h.event.values) == ["lost"] and h.event_worker.values[0] == victim
+    assert list(h.event.values) == ["lost", "adopted"] and h.event_worker.values[0] == victim
+    assert h.event_worker.values[1] != victim  # a survivor trains the lost rows, once they exist again
     # Far less than the barrier's timeout: the survivors dropped the dead peer at once.
     assert seconds < 60
     survivors = h.drop_sel(worker=victim)

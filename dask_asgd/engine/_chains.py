@@ -76,6 +76,7 @@ class ChainKeeper:
         self.rows: dict[str, list[dict]] = {s.address: [] for s in shards}
         self.adjustments: list[dict] = []
         self.events: list[dict] = []
+        self.orphans: list[Shard] = []  # a lost worker's dask chunks, being computed again
         # Workers that came while the fit was setting up count as newcomers too.
         self.known_workers = {s.address for s in shards}
 
@@ -96,6 +97,7 @@ class ChainKeeper:
                 for future in sorted(done, key=lambda f: self.owner.get(f.key, (-1, -1))):
                     self._take(future)
                 self._check_membership()
+                self._adopt_orphans()
         except BaseException:
             self.client.cancel([f for chain in self.chains for f in chain])
             raise
@@ -186,10 +188,32 @@ class ChainKeeper:
         peers = [self.shards[j].address for j in survivors]
         # At once, not with the next task: a sync barrier may be waiting for it.
         self.client.run(forget_peer, self.spec.run_id, lost.address, workers=peers)
-        heir = min(survivors, key=lambda j: self.shards[j].n_rows)
-        self.shards[heir] = merge_shards(self.client, self.shards[heir], lost, self.source)
         self.events.append({"elapsed": self._elapsed(), "worker": lost.address, "event": "lost",
-                            "detail": f"its {lost.n_rows} rows go to {self.shards[heir].address}"})
+                            "detail": f"its {lost.n_rows} rows go to the survivor with the fewest"})
+        if lost.rows is not None and self.source is not None:
+            heir = min(survivors, key=lambda j: self.shards[j].n_rows)
+            self.shards[heir] = merge_shards(self.client, self.shards[heir], lost, self.source)
+        else:
+            # Chunks of a dask array: the scheduler computes them again. They go to
+            # a survivor once they exist: a survivor whose next task waited for them
+            # could hold up a sync barrier whose other workers are needed to compute them.
+            self.orphans.append(lost)
+
+    def _adopt_orphans(self) -> None:
+        for lost in list(self.orphans):
+            futures = lost.X + (lost.y or [])
+            failed = [f for f in futures if f.status in ("error", "cancelled")]
+            if failed:
+                raise RuntimeError(f"the rows of lost worker {lost.address} could not be computed again "
+                                   f"({failed[0].key}: {failed[0].status}); fit again")
+            survivors = self._live()
+            if not survivors or any(f.status != "finished" for f in futures):
+                continue
+            self.orphans.remove(lost)
+            heir = min(survivors, key=lambda j: self.shards[j].n_rows)
+            self.shards[heir] = merge_shards(self.client, self.shards[heir], lost, self.source)
+            self.events.append({"elapsed": self._elapsed(), "worker": self.shards[heir].address, "event": "adopted",
+                                "detail": f"the {lost.n_rows} rows of {lost.address}, computed again"})
 
     def _admit(self, address: str) -> None:
         """A worker joined: it takes rows off the busiest worker and starts from that worker's state."""

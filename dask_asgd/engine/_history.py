@@ -76,7 +76,8 @@ def build_history(rows_by_worker: dict[str, list[dict]], interval: float, attrs:
                        {"units": "s", "description": "when the client saw a worker leave or join the fit"}),
         "event_worker": (("event",), np.array([e["worker"] for e in events], dtype=object)),
         "event": (("event",), np.array([e["event"] for e in events], dtype=object),
-                  {"description": "lost: the worker left mid-fit; joined: it came in mid-fit"}),
+                  {"description": "lost: the worker left mid-fit; joined: it came in mid-fit; "
+                                  "adopted: it took over a lost worker's rows, computed again"}),
         "event_detail": (("event",), np.array([e["detail"] for e in events], dtype=object)),
     })
     return xr.Dataset(

@@ -61,35 +61,46 @@ def _problem(name: str, n_samples: int):
 
 def _run_one(cluster, client, make, X, y, setting: Setting, regime, budget: float):
     """One fit; the regime's rates are applied once training runs (set-up unshaped)."""
-    cluster.set_rate(None)
-    result: dict = {}
 
     def fit():
         est = make(comm_interval=setting.comm_interval, message_size=setting.message_size,
                    max_epochs=1_000_000, max_time=budget, tol=None, random_state=0, client=client)
+        return (est.fit(X) if y is None else est.fit(X, y)).history_
+
+    return run_shaped(cluster, client, fit, regime, budget)
+
+
+def run_shaped(cluster, client, run, schedule, budget: float = 0.0):
+    """``run()`` (a fit) in a thread, the links unshaped until its training starts,
+    then at each ``(fraction of budget, rate)`` of ``schedule`` in turn; unshaped
+    again afterwards. Returns what ``run()`` returns, or raises what it raised."""
+    cluster.set_rate(None)
+    result: dict = {}
+
+    def target():
         try:
-            result["h"] = (est.fit(X) if y is None else est.fit(X, y)).history_
+            result["value"] = run()
         except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
             result["error"] = e
 
     before = set(client.run_on_scheduler(_run_ids))
-    training = threading.Thread(target=fit)
+    training = threading.Thread(target=target)
     training.start()
     start = None
     while training.is_alive() and start is None:
-        runs = client.run_on_scheduler(_run_ids)
-        if set(runs) - before:
+        if set(client.run_on_scheduler(_run_ids)) - before:
             start = time.time()
-        time.sleep(0.1)
-    for fraction, rate in regime:
-        while start is not None and training.is_alive() and time.time() < start + fraction * budget:
+        else:
+            time.sleep(0.05)
+    for fraction, rate in schedule if start is not None else ():
+        while training.is_alive() and time.time() < start + fraction * budget:
             time.sleep(0.1)
         cluster.set_rate(rate)
     training.join()
     cluster.set_rate(None)
     if "error" in result:
         raise result["error"]
-    return result["h"]
+    return result["value"]
 
 
 def _run_ids(dask_scheduler):

@@ -42,9 +42,7 @@ import json
 import math
 import os
 import statistics
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +52,7 @@ from distributed import Client, LocalCluster
 from threadpoolctl import threadpool_limits
 
 from . import bench_engine
-from .bench_balance import _run_ids
+from .bench_balance import run_shaped
 from .bench_peers_methods import (
     PEER_THREADS,
     Budget,
@@ -228,32 +226,6 @@ def run_method(method: str, problem: PeerProblem, data: Data, client: Client, bu
     raise ValueError(f"unknown method {method!r}")
 
 
-def _shaped(cluster, client, run: Callable[[], Trace]) -> Trace:
-    """``run()`` with the links at SLOW_RATE from the moment its training starts."""
-    cluster.set_rate(None)
-    before = set(client.run_on_scheduler(_run_ids))
-    result: dict = {}
-
-    def target():
-        try:
-            result["trace"] = run()
-        except Exception as e:  # noqa: BLE001 - raised again in the caller's thread below
-            result["error"] = e
-
-    training = threading.Thread(target=target)
-    training.start()
-    while training.is_alive():
-        if set(client.run_on_scheduler(_run_ids)) - before:
-            cluster.set_rate(SLOW_RATE)
-            break
-        time.sleep(0.05)
-    training.join()
-    cluster.set_rate(None)
-    if "error" in result:
-        raise result["error"]
-    return result["trace"]
-
-
 # -- summaries ------------------------------------------------------------------------------
 
 def _median(values):
@@ -392,7 +364,8 @@ def _slow_network(problem, data, ref, repeats, log) -> list[dict]:
             shaped.X, shaped.y = data.X, data.y
             traces, failed = _repeats(
                 methods, repeats, budget, ref, log,
-                lambda m, seed: _shaped(cluster, client, lambda: run_method(m, problem, shaped, client, budget, seed)),
+                lambda m, seed: run_shaped(cluster, client, lambda: run_method(m, problem, shaped, client, budget, seed),
+                                           [(0.0, SLOW_RATE)]),
                 label=f"{SLOW_RATE} ")
     except Exception as e:  # noqa: BLE001 - the emulated cluster itself failed: recorded, the suite goes on
         reason = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"

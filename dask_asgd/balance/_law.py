@@ -78,6 +78,8 @@ class Decision:
 
 # Sends smaller than this (latency probes) carry no information on bandwidth.
 PAYLOAD_BYTES = 1024
+# The sender name under which the scheduler's monitor sends each worker its settings.
+BALANCER_SENDER = "scheduler"
 
 
 def _valid(x) -> bool:

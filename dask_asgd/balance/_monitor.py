@@ -17,7 +17,7 @@ from distributed.protocol import to_serialize
 
 from .. import config
 from ..engine._report import REPORT_OP
-from ._law import Balancer, BalancerSettings, Report
+from ._law import BALANCER_SENDER, Balancer, BalancerSettings, Report
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class Monitor(SchedulerPlugin):
         # Onto the worker's channel, balance topic: the same handler peers use.
         try:
             await self.scheduler.rpc(worker).asgd_deliver(
-                topic=topic, key=0, sender="scheduler",
+                topic=topic, key=0, sender=BALANCER_SENDER,
                 payload=to_serialize(np.array([decision.comm_interval, decision.message_size], dtype=np.int64)),
                 meta={"reason": decision.reason[:200]},
             )

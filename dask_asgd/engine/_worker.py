@@ -13,7 +13,7 @@ import numpy as np
 from array_api_compat import array_namespace, device
 from distributed import get_worker
 
-from ..balance._law import BalancerSettings
+from ..balance._law import BALANCER_SENDER, BalancerSettings
 from ..channel import PayloadSpec, get_channel
 from ..filter import UpdateFilter
 from ..models._base import host_to, to_host
@@ -26,8 +26,6 @@ BALANCE_SPEC = PayloadSpec("int64", {0: (2,)})
 PROBE_SPEC = PayloadSpec("float64", {0: (1,)})
 PROBE_PAYLOAD = np.zeros(1)
 STARTING_PROBES = 4
-# Balance settings come from the scheduler's monitor, under this sender name.
-BALANCER = "scheduler"
 MAX_INTERVAL = BalancerSettings().max_interval
 
 # Runs live on the worker between the tasks of their chain. A finished run leaves
@@ -348,7 +346,7 @@ class WorkerRun:
         """Take the balancer's newest setting for this worker, if one came."""
         if self.balance_box is None:
             return
-        messages = [m for m in self.balance_box.take() if m.sender == BALANCER]
+        messages = [m for m in self.balance_box.take() if m.sender == BALANCER_SENDER]
         if not messages:
             return
         newest = messages[-1]

@@ -162,13 +162,16 @@ def test_monitor_collects_reports_and_balances_auto_runs(client):
 
     X = np.random.default_rng(0).normal(size=(40_000, 32))
     # 500 centres x 32 features: a 128 KB state, sent between two worker processes.
-    est = KMeans(500, random_state=0, max_epochs=10_000, max_time=5.0, tol=None, client=client).fit(X)
+    # A starting interval far from what any link here calls for: the balancer must move it.
+    start = 65536
+    with dask.config.set({"asgd.comm-interval-default": start}):
+        est = KMeans(500, random_state=0, max_epochs=10_000, max_time=5.0, tol=None, client=client).fit(X)
     h = est.history_
     state = client.run_on_scheduler(_monitor_state)
     run = state["runs"][h.attrs["run_id"]]
     assert set(run) == set(h.worker.values)
     for reports, adjustments, done in run.values():
-        assert reports >= 5 and done  # a report every 0.5 s, and a final one
+        assert reports >= 5 and done  # a report every 0.25 s, and a final one
     # Per peer: a worker's link to the other, with a send time and a bandwidth
     # (a worker whose sends were all refused at the end, under load, has none).
     peers = state["peers"][h.attrs["run_id"]]
@@ -183,7 +186,8 @@ def test_monitor_collects_reports_and_balances_auto_runs(client):
     # adjustment is in history_ with its reason.
     assert h.sizes["adjustment"] >= 1
     assert all(reason for reason in h.adjustment_reason.values)
-    assert (h.comm_interval.isel(time=-1) != dask.config.get("asgd.comm-interval-default")).any()
+    assert (h.comm_interval.isel(time=0) == start).all()
+    assert (h.comm_interval.isel(time=-1) != start).any()
     assert set(h.adjustment_worker.values) <= set(h.worker.values)
     # What the workers applied is what history_ shows at the end.
     for worker in h.worker.values:
@@ -224,3 +228,24 @@ def test_malformed_report_is_dropped_and_the_worker_stays(client):
     assert client.run_on_scheduler(_monitor_state)["dropped"] == dropped_before + 2
     assert set(client.scheduler_info()["workers"]) == workers_before
     assert client.submit(lambda: 1 + 1, workers=[target]).result() == 2
+
+
+def test_balance_benchmark_summary_arithmetic():
+    from dask_asgd.bench_balance import ratios, summarise, time_to
+
+    # Linear interpolation between history rows; inf when never reached.
+    assert time_to([0.0, 0.1, 0.2], [10.0, 6.0, 2.0], 4.0) == pytest.approx(0.15)
+    assert time_to([0.0, 0.1], [10.0, 6.0], 1.0) == float("inf")
+    assert time_to([0.5, 0.6], [3.0, 2.0], 4.0) == 0.5
+    curves = [{"time": [0.0, 1.0], "loss": [10.0, v]} for v in (1.0, 5.0, 3.0)]
+    s = summarise(curves, 4.0)
+    assert s["repeats"] == 3 and s["final_loss"] == 3.0
+    assert s["time_to_target_s"] == pytest.approx(0.857142857)  # the median of 2/3, 6/7 and inf
+    assert s["loss"] == [10.0, 3.0]  # the median repeat's curve is kept
+    records = [{"problem": "p", "regime": g, "setting": f, "time_to_target_s": t, "final_loss": l}
+               for g, f, t, l in [("a", "auto", 1.1, 1.0), ("a", "x", 1.0, 1.0), ("a", "y", 3.0, 2.0),
+                                  ("b", "auto", 2.0, 1.0), ("b", "x", float("inf"), 4.0), ("b", "y", 2.2, 1.2)]]
+    r = ratios(records)["p"]
+    assert r["auto_over_best"] == pytest.approx({"a": 1.1, "b": 2.0 / 2.2})
+    assert r["auto_loss_over_best"] == pytest.approx({"a": 1.0, "b": 1.0 / 1.2})
+    assert r["fixed_within_1.15_everywhere"] == []  # x never reaches it in b; y is 3x the best in a

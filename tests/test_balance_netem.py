@@ -23,12 +23,16 @@ except NetemUnavailable as exc:
     REASON = str(exc)
 
 
-@pytest.fixture(scope="module")
-def emulated():
+def _require_netem():
     if REASON:
         if os.environ.get("CI"):
             pytest.fail(f"CI must run the network-emulation tests: {REASON}")
         pytest.skip(f"network emulation unavailable: {REASON}")
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    _require_netem()
     with EmulatedCluster(n_workers=2, rate=None) as cluster, cluster.client() as client:
         yield cluster, client
 
@@ -112,3 +116,31 @@ def test_adapts_within_five_seconds_of_a_rate_drop(emulated):
     # ... and its sends in flight are back under the bound (2 per peer).
     late = h.in_flight.sel(time=slice(drop + 5.0, None))
     assert float(late.max()) <= 2
+
+
+def test_balance_benchmark_plumbing(tmp_path):
+    """A tiny `dask-asgd bench balance`: it completes and writes what the README
+    says (JSON records with medians over repeats, a markdown table, the plots)."""
+    import json
+
+    from dask_asgd import bench_balance
+
+    _require_netem()
+    only = [bench_balance.Setting("auto", "auto"), bench_balance.Setting(2048, 64_000)]
+    records = bench_balance.run(tmp_path, quick=True, budget=1.5, problems=("logistic",),
+                                regimes=("unshaped", "10mbit"), repeats=2, only=only)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(records))
+    assert {(r["regime"], r["setting"]) for r in saved} == {
+        (g, s.name) for g in ("unshaped", "10mbit") for s in only}
+    for r in saved:
+        assert r["repeats"] == 2 and len(r["times_to_target_s"]) == 2
+        assert r["time_to_target_s"] == float(np.median(r["times_to_target_s"]))
+        assert r["budget_s"] == 1.5 and np.isfinite(r["final_loss"])
+        assert len(r["time"]) == len(r["loss"]) == len(r["comm_interval"]) > 5
+    # The target lies between the best loss reached unshaped and the start.
+    target = saved[0]["target_loss"]
+    assert min(min(r["loss"]) for r in saved) < target < max(r["loss"][0] for r in saved)
+    table = (tmp_path / "results.md").read_text()
+    assert "| logistic | 10mbit | auto |" in table and "auto / best fixed" in table
+    assert (tmp_path / "balance_logistic.png").stat().st_size > 10_000

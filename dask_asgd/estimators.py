@@ -46,8 +46,9 @@ _COMMON_DOC = """
         Stop once the loss improved by less than ``tol`` (relative) for
         ``asgd.engine.n-iter-no-change`` epochs in a row.
     comm_interval : int or "auto"
-        Samples between two sends of a worker. ``"auto"`` (asgd mode): start
-        at ``asgd.comm-interval-default`` and let the balancer adjust it.
+        Samples between two sends of a worker. ``"auto"``: in asgd mode, start
+        at ``asgd.balance.start-interval`` and let the balancer adjust it; in
+        sync and simuparallel mode (no balancer), ``asgd.comm-interval-default``.
     message_size : int or "auto"
         At most this many parameters per message: the state is split in
         2**L equal slices, sent round-robin. ``"auto"`` (asgd mode): start at
@@ -94,7 +95,10 @@ class _ASGDEstimator(BaseEstimator):
             if y is not None and self._numeric_targets:
                 check_finite(y, "y")
             y = self._encode_targets(y)
-        comm_interval = config.get("comm-interval-default") if self.comm_interval == "auto" else self.comm_interval
+        comm_interval = self.comm_interval
+        if comm_interval == "auto":
+            balanced = self.mode == "asgd"
+            comm_interval = config.get("balance.start-interval" if balanced else "comm-interval-default")
         message_size = config.get("message-size-default") if self.message_size == "auto" else self.message_size
         with _client_for(self.client) as client:
             if not in_memory:

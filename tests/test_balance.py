@@ -123,6 +123,37 @@ def test_backlog_doubles_the_interval_at_once():
     assert "backlog: 3 message(s) superseded" in decision.reason
 
 
+def test_latency_is_the_quickest_probe_when_probes_queue_on_a_busy_link():
+    # 10 Mbit/s, 2 ms fixed cost; the link is busy, so most probes wait behind
+    # a state message (up to 0.4 s). One probe in the window found it idle.
+    bandwidth, latency, size = 1.25e6, 2e-3, 8 * 64_000
+    balancer = Balancer(64_000, 8, 256, comm_interval=2048, message_size=64_000)
+    for i in range(8):
+        queued = 0.0 if i == 3 else 0.3 + 0.01 * i
+        balancer.update(Report(elapsed=0.25 * (i + 1), samples=5_000, seconds=0.25,
+                               sends=[(size, latency + size / bandwidth + queued), (8, latency + queued)]))
+    assert balancer.latency == pytest.approx(latency)
+    # The interval is set by the link. A queue taken for latency (0.3 s) would
+    # ask for 20,000 samples/s x 0.3 s / 5% CPU share = 120,000 samples.
+    assert balancer.comm_interval <= 4096 and balancer.message_size < 64_000
+
+
+def test_no_backlog_doubling_while_larger_messages_drain():
+    balancer = Balancer(64_000, 8, 256, comm_interval=2048, message_size=64_000)
+    size = 8 * 64_000
+    # Whole states at 10 Mbit/s (0.41 s each), two in flight: the law cuts the size.
+    balancer.update(Report(elapsed=0.25, samples=5_000, seconds=0.25, sends=[(8, 2e-3)], in_flight=2))
+    cut = balancer.update(Report(elapsed=1.5, samples=5_000, seconds=0.25, sends=[(size, 0.41), (8, 2e-3)], in_flight=2))
+    assert cut is not None and cut.message_size < 64_000
+    # The whole states still on the wire are old now, but that is the drain of
+    # the previous size: no doubling for it.
+    waiting = balancer.update(Report(elapsed=2.0, samples=5_000, seconds=0.25, in_flight=2, oldest_in_flight=0.6))
+    assert waiting is None or "backlog" not in waiting.reason
+    # Once they had time to drain, the same report is a backlog.
+    late = balancer.update(Report(elapsed=3.0, samples=5_000, seconds=0.25, in_flight=2, oldest_in_flight=0.9))
+    assert late is not None and "backlog" in late.reason
+
+
 def test_fixed_knobs_stay_fixed():
     balancer = Balancer(P, 8, 256, comm_interval=4096, message_size=P, tune_interval=False, tune_size=False)
     for i in range(20):
@@ -164,7 +195,7 @@ def test_monitor_collects_reports_and_balances_auto_runs(client):
     # 500 centres x 32 features: a 128 KB state, sent between two worker processes.
     # A starting interval far from what any link here calls for: the balancer must move it.
     start = 65536
-    with dask.config.set({"asgd.comm-interval-default": start}):
+    with dask.config.set({"asgd.balance.start-interval": start}):
         est = KMeans(500, random_state=0, max_epochs=10_000, max_time=5.0, tol=None, client=client).fit(X)
     h = est.history_
     state = client.run_on_scheduler(_monitor_state)

@@ -4,11 +4,14 @@ no Dask: the monitor feeds it, tests drive it with synthetic traces.
 
 The law (our own design; the papers' is not published in usable form):
 
-* Estimate, from the sends of the last seconds, the fixed cost of a message L
-  (latency: round trip, both event loops) and the link's bandwidth B, by least
-  squares on ``seconds = L + bytes / B`` when message sizes vary, else from the
-  smallest send time and the mean throughput. Smooth both, and the compute speed
-  v (samples/s), with an exponential moving average (half-life ``smoothing``).
+* Estimate the fixed cost of a message L (latency: round trip, both event
+  loops) as the quickest one-number probe of the last seconds (queueing behind
+  state messages only ever adds to a probe's time), and the link's bandwidth B
+  from the state messages' bytes over their time beyond L. Without probes, fit
+  ``seconds = L + bytes / B`` by least squares when message sizes vary, else
+  take the smallest send time and the mean throughput. Smooth both, and the
+  compute speed v (samples/s), with an exponential moving average (half-life
+  ``smoothing``).
 * Message size: a worker's view of a peer's state is, on average, half a full
   refresh plus one message old. Sending slices of m parameters (itemsize s) with
   the link busy a share u, a full refresh takes ``P/m * (L + m*s/B) / u`` and a

@@ -118,6 +118,8 @@ def time_to(times, loss, target: float) -> float:
     if i == 0:
         return float(times[0])
     t0, t1, l0, l1 = times[i - 1], times[i], loss[i - 1], loss[i]
+    if not math.isfinite(l0):  # no loss on the row before (a worker's first tick): no interpolation
+        return float(t1)
     return float(t0 + (t1 - t0) * (l0 - target) / (l0 - l1))
 
 
@@ -188,8 +190,8 @@ def target_loss(curves: dict[tuple[str, str], list[dict]]) -> float:
     by four orders of magnitude). Best: the median over repeats of each setting's
     lowest loss, so that one lucky run does not set it."""
     unshaped = [cs for (regime, _), cs in curves.items() if regime == "unshaped"] or list(curves.values())
-    best = min(float(np.median([min(c["loss"]) for c in cs])) for cs in unshaped)
-    start = float(np.median([c["loss"][0] for cs in unshaped for c in cs]))
+    best = min(float(np.median([np.nanmin(c["loss"]) for c in cs])) for cs in unshaped)
+    start = float(np.nanmedian([c["loss"][0] for cs in unshaped for c in cs]))
     return best + 0.1 * (start - best)
 
 
@@ -203,20 +205,28 @@ def ratios(records: list[dict]) -> dict:
         mine = {(r["regime"], r["setting"]): r for r in records if r["problem"] == problem}
         regimes = sorted({g for g, _ in mine})
         fixed = sorted({f for _, f in mine} - {"auto"})
+        if not fixed or not all((g, "auto") in mine for g in regimes):
+            continue  # nothing to compare (a partial run)
         best = {g: min(mine[g, f]["time_to_target_s"] for f in fixed) for g in regimes}
         best_loss = {g: min(mine[g, f]["final_loss"] for f in fixed) for g in regimes}
-
-        def over(a: float, b: float) -> float:
-            return a / b if math.isfinite(b) and b > 0 else (1.0 if a == b else math.inf if math.isfinite(b) else math.nan)
-
         out[problem] = {
-            "auto_over_best": {g: over(mine[g, "auto"]["time_to_target_s"], best[g]) for g in regimes},
-            "auto_loss_over_best": {g: mine[g, "auto"]["final_loss"] / best_loss[g] for g in regimes},
+            "auto_over_best": {g: _over(mine[g, "auto"]["time_to_target_s"], best[g]) for g in regimes},
+            "auto_loss_over_best": {g: _over(mine[g, "auto"]["final_loss"], best_loss[g]) for g in regimes},
             "fixed_within_1.15_everywhere": [
-                f for f in fixed if all(mine[g, f]["time_to_target_s"] <= 1.15 * best[g] for g in regimes)
+                f for f in fixed
+                if all(math.isfinite(mine[g, f]["time_to_target_s"]) and mine[g, f]["time_to_target_s"] <= 1.15 * best[g]
+                       for g in regimes)
             ],
         }
     return out
+
+
+def _over(mine: float, best: float) -> float:
+    """``mine / best``: 0 where only mine is finite (auto reached a target no fixed
+    setting did), NaN where neither is (nothing to compare), inf where only best is."""
+    if math.isfinite(best) and best > 0:
+        return mine / best
+    return 0.0 if math.isfinite(mine) else math.nan
 
 
 def format_table(records: list[dict]) -> str:
@@ -256,8 +266,10 @@ def plot(records: list[dict], out: Path) -> None:
             ax.set_xlabel("training time (s)")
             ax.set_ylabel("mean loss over workers")
             ax.set_yscale("log")
-            auto = next(r for r in mine if r["regime"] == regime and r["setting"] == "auto")
+            auto = next((r for r in mine if r["regime"] == regime and r["setting"] == "auto"), None)
             ax2 = axes[1, col]
+            if auto is None:
+                continue
             ax2.plot(auto["time"], auto["comm_interval"], color="tab:blue", label="comm_interval (samples)")
             ax2.set_yscale("log")
             ax2.set_xlabel("training time (s)")

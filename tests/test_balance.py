@@ -127,7 +127,7 @@ def test_latency_is_the_quickest_probe_when_probes_queue_on_a_busy_link():
     # 10 Mbit/s, 2 ms fixed cost; the link is busy, so most probes wait behind
     # a state message (up to 0.4 s). One probe in the window found it idle.
     bandwidth, latency, size = 1.25e6, 2e-3, 8 * 64_000
-    balancer = Balancer(64_000, 8, 256, comm_interval=2048, message_size=64_000)
+    balancer = Balancer(64_000, 8, 256, comm_interval=65536, message_size=64_000)
     for i in range(8):
         queued = 0.0 if i == 3 else 0.3 + 0.01 * i
         balancer.update(Report(elapsed=0.25 * (i + 1), samples=5_000, seconds=0.25,
@@ -147,7 +147,7 @@ def test_no_backlog_doubling_while_larger_messages_drain():
     assert cut is not None and cut.message_size < 64_000
     # The whole states still on the wire are old now, but that is the drain of
     # the previous size: no doubling for it.
-    waiting = balancer.update(Report(elapsed=2.0, samples=5_000, seconds=0.25, in_flight=2, oldest_in_flight=0.6))
+    waiting = balancer.update(Report(elapsed=2.2, samples=5_000, seconds=0.25, in_flight=2, oldest_in_flight=0.6))
     assert waiting is None or "backlog" not in waiting.reason
     # Once they had time to drain, the same report is a backlog.
     late = balancer.update(Report(elapsed=3.0, samples=5_000, seconds=0.25, in_flight=2, oldest_in_flight=0.9))
@@ -280,3 +280,12 @@ def test_balance_benchmark_summary_arithmetic():
     assert r["auto_over_best"] == pytest.approx({"a": 1.1, "b": 2.0 / 2.2})
     assert r["auto_loss_over_best"] == pytest.approx({"a": 1.0, "b": 1.0 / 1.2})
     assert r["fixed_within_1.15_everywhere"] == []  # x never reaches it in b; y is 3x the best in a
+    # A regime no fixed setting reaches the target in: auto's ratio is 0 if it
+    # does, NaN if it does not either; no fixed setting counts as "within 1.15x".
+    inf = float("inf")
+    lone = [{"problem": "q", "regime": "a", "setting": f, "time_to_target_s": t, "final_loss": 1.0}
+            for f, t in [("auto", 2.0), ("x", inf)]]
+    assert ratios(lone)["q"]["auto_over_best"] == {"a": 0.0}
+    assert ratios(lone)["q"]["fixed_within_1.15_everywhere"] == []
+    lone[0]["time_to_target_s"] = inf
+    assert math.isnan(ratios(lone)["q"]["auto_over_best"]["a"])

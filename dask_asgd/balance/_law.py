@@ -9,9 +9,10 @@ The law (our own design; the papers' is not published in usable form):
   state messages only ever adds to a probe's time), and the link's bandwidth B
   from the state messages' bytes over their time beyond L. Without probes, fit
   ``seconds = L + bytes / B`` by least squares when message sizes vary, else
-  take the smallest send time and the mean throughput. Smooth both, and the
-  compute speed v (samples/s), with an exponential moving average (half-life
-  ``smoothing``).
+  take the smallest send time and the mean throughput. Smooth B (and a fitted
+  L), and the compute speed v (samples/s), with an exponential moving average
+  (half-life ``smoothing``). With two sends in flight a state message's time
+  includes some wait behind the other, so B errs low: the interval errs long.
 * Message size: a worker's view of a peer's state is, on average, half a full
   refresh plus one message old. Sending slices of m parameters (itemsize s) with
   the link busy a share u, a full refresh takes ``P/m * (L + m*s/B) / u`` and a
@@ -155,8 +156,7 @@ class Balancer:
         self._small.extend((now, s) for b, s in sends if b < PAYLOAD_BYTES)
         while self._small and self._small[0][0] < now - self.settings.window_seconds:
             self._small.popleft()
-        if self._small:
-            self.fixed_cost = min(s for _, s in self._small)
+        self.fixed_cost = min(s for _, s in self._small) if self._small else None
         if not sends:
             return
         if self.fixed_cost is not None:
@@ -301,7 +301,9 @@ class Balancer:
     def _change(self, interval: int, size: int, now: float, why: str) -> Decision | None:
         if interval == self.comm_interval and size == self.message_size:
             return None
-        if size < self.message_size:
+        if size > self.message_size:
+            self._draining_until = -math.inf
+        elif size < self.message_size:
             # Smaller messages from now on, but the larger ones already on the
             # wire still have to drain: their wait says nothing of the new size.
             # Without this, b doubled to 16384 at 10 Mbit/s while whole states

@@ -23,7 +23,8 @@ def _strict_json(text):
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("peers")
     tiny_problems = [
-        PeerProblem("kmeans-blobs", "kmeans", "blobs", 20_000, 8, 4, budget_s=1.0, cost_cap_s=6.0, restarts=2),
+        PeerProblem("kmeans-blobs", "kmeans", "blobs", 20_000, 8, 4, budget_s=1.0, cost_cap_s=6.0, restarts=2,
+                    regimes=("local", bench_peers.SLOW_RATE)),
         PeerProblem("logistic-classification", "logistic", "classification", 20_000, 8, 2, budget_s=1.0,
                     cost_cap_s=6.0, restarts=1),
     ]
@@ -88,3 +89,12 @@ def test_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
     assert cli.main(["bench", "--quick", "--out", str(blocker / "results")]) == 4
     err = capsys.readouterr().err
     assert "cannot write the results into" in err and "--out" in err
+
+
+def test_a_slow_network_only_problem_is_not_loaded_when_the_slow_network_is_off(tmp_path):
+    wide = PeerProblem("kmeans-wide", "kmeans", "blobs", 10_000, 8, 4, budget_s=1.0, cost_cap_s=6.0, restarts=1,
+                       regimes=(bench_peers.SLOW_RATE,))
+    logged = []
+    records = bench_peers.run(tmp_path, repeats=1, problem_list=[wide], slow_network=False, efficiency={},
+                              log=logged.append)
+    assert records == [] and not any("reference" in line for line in logged)

@@ -176,7 +176,8 @@ def metric_name(problem: PeerProblem) -> str:
 
 # -- one method, one repeat ---------------------------------------------------------------
 
-def run_method(method: str, problem: PeerProblem, data: Data, client: Client, budget: Budget, seed: int) -> Trace:
+def run_method(method: str, problem: PeerProblem, data: Data, client: Client, budget: Budget, seed: int,
+               slow_link: bool = False) -> Trace:
     k = problem.n_classes
     if problem.kind == "kmeans":
         def metric(est):
@@ -190,10 +191,11 @@ def run_method(method: str, problem: PeerProblem, data: Data, client: Client, bu
         if problem.kind == "kmeans":
             make, of_params = kmeans_engine(method, k, client)
             return engine_trace(make, data.X_dask, None, lambda est, p: kmeans_metric(data.X, of_params(est, p)),
-                                metric, budget, seed)
+                                metric, budget, seed, slow_link)
         make, of_params = logistic_engine(method, ALPHA, client)
         return engine_trace(make, data.X_dask, data.y_dask,
-                            lambda est, p: logistic_metric(data.X, data.y, *of_params(est, p), ALPHA), metric, budget, seed)
+                            lambda est, p: logistic_metric(data.X, data.y, *of_params(est, p), ALPHA), metric, budget,
+                            seed, slow_link)
     if method == "sklearn KMeans":
         from sklearn.cluster import KMeans as SKKMeans
 
@@ -399,7 +401,7 @@ def _slow_network(problem, data, ref, repeats, log) -> list[dict]:
             shaped.X, shaped.y = data.X, data.y
             traces, failed = _repeats(
                 methods, repeats, budget, ref, log,
-                lambda m, seed: run_shaped(cluster, client, lambda: run_method(m, problem, shaped, client, budget, seed),
+                lambda m, seed: run_shaped(cluster, client, lambda: run_method(m, problem, shaped, client, budget, seed, True),
                                            [(0.0, SLOW_RATE)]),
                 label=f"{SLOW_RATE} ")
     except Exception as e:  # noqa: BLE001 - the emulated cluster itself failed: recorded, the suite goes on

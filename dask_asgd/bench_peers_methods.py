@@ -4,7 +4,8 @@ metric) points per run, taken in one of three ways that suit the method.
 * ``engine``: dask-asgd's own modes. One fit with ``max_time`` = the budget and
   ``checkpoint=`` a temporary folder. The client writes the sample-weighted average
   of the workers' newest states (the model ``fit`` would return if training stopped
-  there) every ``CHECKPOINT_EVERY`` seconds. A point is (when the client wrote that
+  there) every ``CHECKPOINT_EVERY`` seconds (``SLOW_CHECKPOINT_EVERY`` on a shaped
+  link, which the states cross on their way to the client). A point is (when the client wrote that
   checkpoint, counted from the ``fit`` call, metric of that average on all the data),
   plus the model ``fit`` returned at the time it returned. Evaluation happens after
   the fit, so it costs the fit nothing.
@@ -43,6 +44,10 @@ from .estimators import KMeans, LogisticRegression
 # length, so the client sees states 4 times a second (default: every 5 s and 1 s).
 CHECKPOINT_EVERY = 0.2
 SEGMENT_SECONDS = 0.25
+# On a shaped link the states behind the checkpoints cross the link too: 256 KB
+# five times a second is 10 Mbit/s, the whole link. Once a second it is a fifth.
+SLOW_CHECKPOINT_EVERY = 1.0
+SLOW_SEGMENT_SECONDS = 1.0
 THIN_AFTER_TARGET = 1.0
 # Threads of every single-process peer, pinned: the cluster has 2 workers x 1 thread.
 PEER_THREADS = 2
@@ -99,12 +104,13 @@ def logistic_metric(X, y, coef, intercept, alpha: float) -> float:
 # -- dask-asgd: one fit, checkpoints as the trace ---------------------------------------
 
 def engine_trace(make: Callable, X, y, metric_of_params: Callable, metric_of_estimator: Callable,
-                 budget: Budget, seed: int) -> Trace:
-    """One dask-asgd fit of ``budget.seconds`` of training; see the module docstring."""
+                 budget: Budget, seed: int, slow_link: bool = False) -> Trace:
+    """One dask-asgd fit of ``budget.seconds`` of training; see the module docstring.
+    ``slow_link``: checkpoints once a second, not five times (they cross the link)."""
     with tempfile.TemporaryDirectory(prefix="dask-asgd-bench-") as folder, dask.config.set({
-        "asgd.checkpoint.interval": CHECKPOINT_EVERY,
+        "asgd.checkpoint.interval": SLOW_CHECKPOINT_EVERY if slow_link else CHECKPOINT_EVERY,
         "asgd.checkpoint.keep": 1_000_000,
-        "asgd.engine.segment-seconds": SEGMENT_SECONDS,
+        "asgd.engine.segment-seconds": SLOW_SEGMENT_SECONDS if slow_link else SEGMENT_SECONDS,
     }):
         est = make(max_time=budget.seconds, max_epochs=1_000_000, tol=None, random_state=seed, checkpoint=folder)
         start = time.time()

@@ -675,6 +675,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dashboard", action="store_true", help="serve the scheduler's dashboard on the bridge address")
     parser.add_argument("--subnet", default=None, help=f"a /24 for the hosts (default: the first free one in {ADDRESS_RANGE})")
     args = parser.parse_args(argv)
+    # Ctrl-C (SIGINT) is how this command stops, also where SIGINT came in ignored:
+    # a background job of a non-interactive shell inherits it so (seen in CI, where
+    # the command then never stopped).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         cluster = EmulatedCluster(
             args.workers, args.rate, nthreads=args.nthreads, nanny=args.nanny, dashboard=args.dashboard, subnet=args.subnet

@@ -137,7 +137,7 @@ def test_balance_benchmark_plumbing(tmp_path):
         assert r["repeats"] == 2 and len(r["times_to_target_s"]) == 2
         assert r["time_to_target_s"] == float(np.median(r["times_to_target_s"]))
         assert r["budget_s"] == 1.5 and np.isfinite(r["final_loss"])
-        assert len(r["time"]) == len(r["loss"]) == len(r["comm_interval"]) > 5
+        assert len(r["time"]) == len(r["loss"]) == len(r["comm_interval"]) >= 2  # a curve (rows every 0.1 s; fewer under load)
     # The target lies between the best loss reached unshaped and the start.
     target = saved[0]["target_loss"]
     assert min(min(r["loss"]) for r in saved) < target < max(r["loss"][0] for r in saved)

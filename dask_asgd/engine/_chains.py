@@ -9,7 +9,7 @@ import time
 from collections import deque
 
 from distributed import Client, Future, wait
-from distributed.client import FuturesCancelledError
+from distributed.client import FutureCancelledError, FuturesCancelledError
 
 from ._data import Shard, merge_shards, split_shard
 from ._spec import RunSpec
@@ -125,11 +125,19 @@ class ChainKeeper:
                     f"lost the connection to the Dask scheduler at {self.client.scheduler.address} during training; "
                     "fit again once it is back (with checkpoint=DIR, resume=True goes on from the newest checkpoint)"
                 )
-            if self.shards[i].address not in self._workers():
+            if self._gone(i):
                 return  # its worker died: _check_membership hands its rows on
             raise RuntimeError(f"the training task {future.key} was cancelled on a live worker, "
                                f"{self.shards[i].address} (by another client?); fit again")
-        result = future.result()
+        try:
+            result = future.result()
+        except FutureCancelledError:
+            # Finished, but its worker died before the result was fetched (seen
+            # once in CI): the scheduler forgets the result, and the link is lost
+            # with its worker.
+            if self._gone(i):
+                return
+            raise
         self.chains[i].popleft()
         address = self.shards[i].address
         self.rows[address].extend(result["rows"])
@@ -149,6 +157,16 @@ class ChainKeeper:
     # -- membership -------------------------------------------------------------------
     def _workers(self) -> set[str]:
         return worker_addresses(self.client)
+
+    def _gone(self, i: int) -> bool:
+        """Whether chain ``i``'s worker has left; asked twice, a poll apart, as the
+        scheduler may cancel a dead worker's tasks just before it drops the worker."""
+        for attempt in range(2):
+            if self.shards[i].address not in self._workers():
+                return True
+            if attempt == 0:
+                time.sleep(MEMBERSHIP_POLL)
+        return False
 
     def _check_membership(self) -> None:
         workers = self._workers()

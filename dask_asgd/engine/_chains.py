@@ -209,8 +209,7 @@ class ChainKeeper:
         self.events.append({"elapsed": self._elapsed(), "worker": lost.address, "event": "lost",
                             "detail": f"its {lost.n_rows} rows go to the survivor with the fewest"})
         if lost.rows is not None and self.source is not None:
-            heir = min(survivors, key=lambda j: self.shards[j].n_rows)
-            self.shards[heir] = merge_shards(self.client, self.shards[heir], lost, self.source)
+            self._give_rows(lost, survivors)
         else:
             # Chunks of a dask array: the scheduler computes them again. They go to
             # a survivor once they exist: a survivor whose next task waited for them
@@ -228,10 +227,15 @@ class ChainKeeper:
             if not survivors or any(f.status != "finished" for f in futures):
                 continue
             self.orphans.remove(lost)
-            heir = min(survivors, key=lambda j: self.shards[j].n_rows)
-            self.shards[heir] = merge_shards(self.client, self.shards[heir], lost, self.source)
-            self.events.append({"elapsed": self._elapsed(), "worker": self.shards[heir].address, "event": "adopted",
+            heir = self._give_rows(lost, survivors)
+            self.events.append({"elapsed": self._elapsed(), "worker": heir, "event": "adopted",
                                 "detail": f"the {lost.n_rows} rows of {lost.address}, computed again"})
+
+    def _give_rows(self, lost: Shard, survivors: list[int]) -> str:
+        """``lost``'s rows to the survivor with the fewest; returns its address."""
+        heir = min(survivors, key=lambda j: self.shards[j].n_rows)
+        self.shards[heir] = merge_shards(self.client, self.shards[heir], lost, self.source)
+        return self.shards[heir].address
 
     def _admit(self, address: str) -> None:
         """A worker joined: it takes rows off the busiest worker and starts from that worker's state."""

@@ -11,11 +11,12 @@ import dask
 import numpy as np
 import pytest
 import sklearn.cluster
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, wait
 from sklearn.datasets import make_blobs
 
 from dask_asgd import KMeans
 from dask_asgd.datasets import make_blobs as dask_blobs
+from dask_asgd.engine._chains import fetch_result, worker_addresses
 
 
 def _training_started(client) -> bool:
@@ -104,3 +105,33 @@ def test_sync_barrier_goes_on_without_a_killed_worker(cluster3):
     reference = sklearn.cluster.KMeans(10, n_init=10, random_state=0).fit(Xc).inertia_
     assert -est.score(Xc) <= 1.02 * reference
     assert np.isfinite(est.cluster_centers_).all()
+
+
+def test_a_result_lost_with_its_worker_does_not_hang_the_fit(cluster3):
+    # The race behind a sync fit that hung in CI, made on purpose: a link finished
+    # on a worker that died before the client fetched its result. The scheduler
+    # asks for the result again, but only the dead worker may compute it.
+    client = cluster3
+    pids = client.run(os.getpid)
+    victim = sorted(pids)[-1]
+    future = client.submit(np.arange, 1000, workers=[victim], allow_other_workers=False, pure=False)
+    wait(future)
+    assert future.status == "finished"
+    os.kill(pids[victim], signal.SIGKILL)
+    deadline = time.time() + 30
+    while victim in worker_addresses(client) and time.time() < deadline:
+        time.sleep(0.1)
+    assert victim not in worker_addresses(client)
+    with pytest.raises(TimeoutError):
+        future.result(timeout=5)  # a plain wait never ends
+
+    def gone():
+        return victim not in worker_addresses(client)
+
+    start = time.perf_counter()
+    assert fetch_result(future, gone) is None
+    assert time.perf_counter() - start < 10
+    # A live worker's result still comes back whole.
+    survivor = sorted(worker_addresses(client))[0]
+    kept = client.submit(np.arange, 1000, workers=[survivor], allow_other_workers=False, pure=False)
+    np.testing.assert_array_equal(fetch_result(kept, lambda: False), np.arange(1000))

@@ -19,6 +19,8 @@ from ._worker import current_state, forget_peer, train_segment
 CHAIN_DEPTH = 2
 # Seconds between two looks at the scheduler's worker list.
 MEMBERSHIP_POLL = 0.5
+# Seconds to wait for a finished link's result before asking whether its worker is gone.
+RESULT_PATIENCE = 2.0
 
 
 def worker_addresses(client: Client) -> set[str]:
@@ -31,6 +33,27 @@ def worker_addresses(client: Client) -> set[str]:
 
 def _scheduler_workers(dask_scheduler) -> list[str]:
     return list(dask_scheduler.workers)
+
+
+def fetch_result(future: Future, gone):
+    """A finished link's result, or None when its worker died holding it.
+
+    A result lives on its worker until fetched. If the worker dies first, the
+    scheduler either cancels the key or, as it was computed once, asks for it
+    again; restricted to the dead worker, it never comes, and a plain
+    ``future.result()`` waits forever (seen in CI: a sync fit hung). So wait a
+    while at a time, and between waits ask ``gone()`` whether the worker left.
+    """
+    while True:
+        try:
+            return future.result(timeout=RESULT_PATIENCE)
+        except FutureCancelledError:
+            if gone():
+                return None
+            raise
+        except TimeoutError:
+            if gone():
+                return None
 
 
 class AllWorkersLost(RuntimeError):
@@ -129,15 +152,9 @@ class ChainKeeper:
                 return  # its worker died: _check_membership hands its rows on
             raise RuntimeError(f"the training task {future.key} was cancelled on a live worker, "
                                f"{self.shards[i].address} (by another client?); fit again")
-        try:
-            result = future.result()
-        except FutureCancelledError:
-            # Finished, but its worker died before the result was fetched (seen
-            # once in CI): the scheduler forgets the result, and the link is lost
-            # with its worker.
-            if self._gone(i):
-                return
-            raise
+        result = fetch_result(future, lambda: self._gone(i))
+        if result is None:
+            return  # lost with its worker: _check_membership hands its rows on
         self.chains[i].popleft()
         address = self.shards[i].address
         self.rows[address].extend(result["rows"])

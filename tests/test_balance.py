@@ -154,6 +154,38 @@ def test_no_backlog_doubling_while_larger_messages_drain():
     assert late is not None and "backlog" in late.reason
 
 
+def test_backlog_on_a_bytes_bound_link_halves_the_size_and_caps_it_until_quiet():
+    balancer = Balancer(64_000, 8, 256, comm_interval=2048, message_size=64_000)
+    balancer.update(Report(elapsed=0.25, samples=5_000, seconds=0.25, sends=[(8, 2e-3)], in_flight=2))
+    interval = balancer.comm_interval
+    # Sends superseded, a whole state on the wire for 0.5 s, probes back in 2 ms:
+    # bytes are the cost, so slices, at the same interval.
+    cut = balancer.update(Report(elapsed=1.0, samples=5_000, seconds=0.25, superseded=3, in_flight=2,
+                                 oldest_in_flight=0.5))
+    assert cut is not None and "bytes are the cost" in cut.reason
+    assert (cut.comm_interval, cut.message_size) == (interval, 32_000)
+    # Then the link looks latency-bound (payload time lost in the latency), where
+    # the law alone would send whole states; the cut holds until 5 s pass quiet.
+    sizes = {}
+    for i in range(1, 30):
+        t = 1.0 + 0.25 * i
+        balancer.update(Report(elapsed=t, samples=5_000, seconds=0.25, sends=[(8 * 32_000, 2.1e-3), (8, 2e-3)]))
+        sizes[round(t, 2)] = balancer.message_size
+    assert max(size for t, size in sizes.items() if t < 6.0) == 32_000
+    assert sizes[8.25] == 64_000
+
+
+def test_backlog_with_slow_probes_doubles_the_interval():
+    # Probes as slow as state messages: a per-message cost, not bytes; slices would not help.
+    balancer = Balancer(64_000, 8, 256, comm_interval=2048, message_size=64_000)
+    balancer.update(Report(elapsed=0.25, samples=5_000, seconds=0.25, sends=[(8, 0.3)], in_flight=2))
+    interval = balancer.comm_interval
+    decision = balancer.update(Report(elapsed=1.5, samples=5_000, seconds=0.25, superseded=3, in_flight=2,
+                                      oldest_in_flight=0.5))
+    assert decision is not None and "backlog" in decision.reason and "bytes are the cost" not in decision.reason
+    assert decision.comm_interval >= 1.9 * interval
+
+
 def test_fixed_knobs_stay_fixed():
     balancer = Balancer(P, 8, 256, comm_interval=4096, message_size=P, tune_interval=False, tune_size=False)
     for i in range(20):

@@ -126,7 +126,7 @@ def test_balance_benchmark_plumbing(tmp_path):
     from dask_asgd import bench_balance
 
     _require_netem()
-    only = [bench_balance.Setting("auto", "auto"), bench_balance.Setting(2048, 64_000)]
+    only = [bench_balance.Setting("auto", "auto"), bench_balance.Setting(2048, 64_064)]
     records = bench_balance.run(tmp_path, quick=True, budget=1.5, problems=("logistic",),
                                 regimes=("unshaped", "10mbit"), repeats=2, only=only)
     saved = json.loads((tmp_path / "results.json").read_text())

@@ -30,8 +30,15 @@ The law (our own design; the papers' is not published in usable form):
   apart. When such sends take long (over ``probe_seconds``), the message size is
   halved once, and the two sizes separate them.
 * Backlog: sends superseded while waiting, or older than the estimated message
-  time, mean the link is already saturated; then b doubles at once. Not while
-  larger messages sent before a cut in the message size still drain.
+  time, mean the link is already saturated. If the quickest probe is far
+  quicker than the slow sends, bytes are the cost, not messages: the message
+  size halves at once, b stays, and the halved size caps the law's size until
+  ``relax_seconds`` pass without backlog (then the cap doubles, and so on).
+  Otherwise (or at the smallest size) b doubles at once. Neither while larger
+  messages sent before a cut in the message size still drain. (Doubling b on a
+  bandwidth-bound link first, as this law did before, spent the first 2-3 s of
+  a 10 Mbit/s run at ever longer intervals of whole states, while 1/16 slices
+  every 2048 samples were the best fixed setting.)
 * No oscillation: b changes only when the law's target moves outside a dead
   band around the current value (``deadband``, a ratio wider than one step),
   then to the target quantised to powers of sqrt(2) times the batch size, and
@@ -59,6 +66,7 @@ class BalancerSettings:
     max_interval: int = 2**24
     min_message_size: int = 1024
     max_levels: int = 12
+    relax_seconds: float = 5.0
 
 
 @dataclass
@@ -132,6 +140,8 @@ class Balancer:
         self._slowest = 0.0  # longest a send took or has been going, in the last report
         self._draining_until = -math.inf  # larger messages on the wire until then: no backlog rule
         self._in_flight = 0
+        self._size_cap = n_params  # lowered by backlog on a bytes-bound link; relaxes in quiet
+        self._quiet_since = 0.0  # elapsed time of the last backlog, or of the last relaxation
 
     # -- estimation ------------------------------------------------------------------------
     def _smooth(self, old: float | None, new: float, seconds: float) -> float:
@@ -219,6 +229,9 @@ class Balancer:
     def target_message_size(self) -> int:
         if not self.tune_size or self.latency is None:
             return self.message_size
+        return min(self._law_message_size(), self._size_cap)
+
+    def _law_message_size(self) -> int:
         if not self.bandwidth:
             if self._unresolved() and self.message_size > self.settings.min_message_size:
                 # Slow sends of one size: is it latency or bandwidth? Half the size tells.
@@ -264,6 +277,9 @@ class Balancer:
         now = report.elapsed if _valid(report.elapsed) else None
         if now is None:
             return None
+        if self._size_cap < self.n_params and now - self._quiet_since >= self.settings.relax_seconds:
+            self._size_cap = split_size(self.n_params, 2 * self._size_cap, self.settings.max_levels)
+            self._quiet_since = now
         size = self.target_message_size()
         backlog = now >= self._draining_until and (report.superseded > 0 or (
             self.latency is not None and report.in_flight > 0
@@ -273,9 +289,16 @@ class Balancer:
         if backlog and self.tune_interval:
             if now - self._last_change < self.settings.min_change_interval / 2:
                 return None
-            interval = self._quantise(self.comm_interval * 2)
+            self._quiet_since = now
             why = (f"backlog: {report.superseded} message(s) superseded before sending"
                    if report.superseded else f"backlog: a send in flight for {report.oldest_in_flight:.2f} s")
+            smaller = min(size, split_size(self.n_params, self.message_size / 2, self.settings.max_levels))
+            if self._bytes_bound() and self.tune_size and smaller >= self.settings.min_message_size and smaller < self.message_size:
+                self._size_cap = smaller
+                return self._change(self.comm_interval, smaller, now,
+                                    f"{why}; probes take {self.fixed_cost * 1e3:.1f} ms and sends up to "
+                                    f"{self._slowest:.2f} s, so bytes are the cost: {smaller}-parameter slices")
+            interval = self._quantise(self.comm_interval * 2)
             return self._change(interval, size, now, why)
         if now - self._last_change < self.settings.min_change_interval:
             return None
@@ -297,6 +320,11 @@ class Balancer:
                f"per-message cost {100 * self.speed * self.latency / interval:.0f}% of the time, "
                f"link busy {100 * self.speed * self.message_time(size) / interval:.0f}%")
         return self._change(interval, size, now, why)
+
+    def _bytes_bound(self) -> bool:
+        """The quickest probe is far quicker than the slowest send: the link's
+        time goes on bytes, not on a per-message cost."""
+        return self.fixed_cost is not None and self._slowest > 4 * self.fixed_cost
 
     def _change(self, interval: int, size: int, now: float, why: str) -> Decision | None:
         if interval == self.comm_interval and size == self.message_size:

@@ -163,7 +163,11 @@ def test_backlog_on_a_bytes_bound_link_halves_the_size_and_caps_it_until_quiet()
     cut = balancer.update(Report(elapsed=1.0, samples=5_000, seconds=0.25, superseded=3, in_flight=2,
                                  oldest_in_flight=0.5))
     assert cut is not None and "bytes are the cost" in cut.reason
-    assert (cut.comm_interval, cut.message_size) == (interval, 32_000)
+    # At the same interval, to what the link carries in its share of one: 0.5 x
+    # (interval / 20,000 samples/s) of the 0.5 s a whole state took, or less.
+    assert cut.comm_interval == interval
+    carried = 64_000 * 0.5 * (interval / 20_000) / 0.5
+    assert 1024 <= cut.message_size <= max(carried, 1024) * 2 and cut.message_size <= 32_000
     # Then the link looks latency-bound (payload time lost in the latency), where
     # the law alone would send whole states; the cut holds until 5 s pass quiet.
     sizes = {}
@@ -171,8 +175,8 @@ def test_backlog_on_a_bytes_bound_link_halves_the_size_and_caps_it_until_quiet()
         t = 1.0 + 0.25 * i
         balancer.update(Report(elapsed=t, samples=5_000, seconds=0.25, sends=[(8 * 32_000, 2.1e-3), (8, 2e-3)]))
         sizes[round(t, 2)] = balancer.message_size
-    assert max(size for t, size in sizes.items() if t < 6.0) == 32_000
-    assert sizes[8.25] == 64_000
+    assert max(size for t, size in sizes.items() if t < 6.0) == cut.message_size
+    assert sizes[8.25] == 2 * cut.message_size  # 5 s quiet: the cap doubles
 
 
 def test_backlog_with_slow_probes_doubles_the_interval():

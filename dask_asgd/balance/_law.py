@@ -32,8 +32,10 @@ The law (our own design; the papers' is not published in usable form):
 * Backlog: sends superseded while waiting, or older than the estimated message
   time, mean the link is already saturated. If the quickest probe is far
   quicker than the slow sends, bytes are the cost, not messages: the message
-  size halves at once, b stays, and the halved size caps the law's size until
+  size falls at once, b stays, and the new size caps the law's size until
   ``relax_seconds`` pass without backlog (then the cap doubles, and so on).
+  The size falls to at most half, and to what the link carried in the slowest
+  send scaled to ``link_share`` of one interval.
   Otherwise (or at the smallest size) b doubles at once. Neither while larger
   messages sent before a cut in the message size still drain. (Doubling b on a
   bandwidth-bound link first, as this law did before, spent the first 2-3 s of
@@ -292,7 +294,7 @@ class Balancer:
             self._quiet_since = now
             why = (f"backlog: {report.superseded} message(s) superseded before sending"
                    if report.superseded else f"backlog: a send in flight for {report.oldest_in_flight:.2f} s")
-            smaller = min(size, split_size(self.n_params, self.message_size / 2, self.settings.max_levels))
+            smaller = min(size, self._backlog_size())
             if self._bytes_bound() and self.tune_size and smaller >= self.settings.min_message_size and smaller < self.message_size:
                 self._size_cap = smaller
                 return self._change(self.comm_interval, smaller, now,
@@ -321,6 +323,17 @@ class Balancer:
                f"link busy {100 * self.speed * self.message_time(size) / interval:.0f}%")
         return self._change(interval, size, now, why)
 
+    def _backlog_size(self) -> int:
+        """At most half the message size; less, to what the link carried in the
+        slowest send scaled to the link's share of one interval (queueing in
+        that send makes it err small, and the cap relaxes in quiet)."""
+        s = self.settings
+        wanted = self.message_size / 2
+        if self.speed and self._slowest > 0:
+            room = s.link_share * self.comm_interval / self.speed
+            wanted = min(wanted, self.message_size * room / self._slowest)
+        return split_size(self.n_params, max(wanted, s.min_message_size), s.max_levels)
+
     def _bytes_bound(self) -> bool:
         """The quickest probe is far quicker than the slowest send: the link's
         time goes on bytes, not on a per-message cost."""
@@ -336,7 +349,10 @@ class Balancer:
             # wire still have to drain: their wait says nothing of the new size.
             # Without this, b doubled to 16384 at 10 Mbit/s while whole states
             # drained, after the law had already picked 4000-parameter slices.
-            self._draining_until = now + self._in_flight * self.message_time(self.message_size)
+            # Before a bandwidth estimate, the slowest send so far stands in for
+            # the time of one of the larger messages.
+            per_message = max(self.message_time(self.message_size), self._slowest)
+            self._draining_until = now + self._in_flight * per_message
         self.comm_interval, self.message_size = interval, size
         self._last_change = now
         self.changes += 1

@@ -137,3 +137,29 @@ def test_sync_workers_stop_in_the_same_round(client):
         assert set(h.stop_reason.values) == {"max_time"}
         sent = h.messages_sent.isel(time=-1).values
         assert sent[0] == sent[1] > 0, sent  # the same number of rounds on both
+
+
+def test_initial_state_does_not_depend_on_where_the_rows_are(client):
+    # One seed picks the same sample rows, in the same order, on any placement.
+    # When each worker drew from its own rows, one seed gave K-Means initial
+    # states +0.02%, +0.30% and +1.71% over the optimum on three clusters.
+    from dask_asgd.datasets import make_blobs
+    from dask_asgd.engine._chains import worker_addresses
+    from dask_asgd.engine._data import place
+    from dask_asgd.engine._driver import _initial_state
+    from dask_asgd.models.kmeans import KMeansModel
+
+    X = make_blobs(30_000, 4, 20, chunk_rows=5_000, random_state=0)[0]
+    workers = sorted(worker_addresses(client))
+    model = KMeansModel(n_clusters=20, n_features=4)
+    placements = [(X, workers), (X, workers[::-1]), (X, workers[:1]), (X.compute(), workers), (X.compute(), workers[1:])]
+    states = []
+    for data, on in placements:
+        shards = place(client, data, None, on)
+        states.append(client.gather(_initial_state(client, model, shards, seed=3))[0])
+    for state in states[1:]:
+        np.testing.assert_array_equal(state, states[0])
+    # And another seed picks other rows.
+    shards = place(client, X, None, workers)
+    other = client.gather(_initial_state(client, model, shards, seed=4))[0]
+    assert not np.array_equal(other, states[0])

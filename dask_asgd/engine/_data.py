@@ -7,8 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dask.array as da
+import numpy as np
 from array_api_compat import array_namespace, device
 from distributed import Client, Future, futures_of, wait
+
+from ..models._base import to_host
 
 
 @dataclass
@@ -17,7 +20,8 @@ class Shard:
 
     ``rows``: for arrays the client holds (NumPy), which of their rows the
     chunks are, so they can be sent again if the worker dies with them; chunks
-    of dask arrays are computed again by the scheduler instead."""
+    of dask arrays are computed again by the scheduler instead. ``starts``: for
+    chunks of dask arrays, the index of each chunk's first row in the array."""
 
     address: str
     X: list[Future]
@@ -25,6 +29,7 @@ class Shard:
     n_rows: int
     chunk_rows: list[int] = field(default_factory=list)
     rows: Any = None
+    starts: list[int] = field(default_factory=list)
 
 
 def place(client: Client, X, y, workers: list[str]) -> list[Shard]:
@@ -71,6 +76,7 @@ def _locate(client, X, y, workers):
     holders = client.who_has([x_futures[k] for k in x_keys])
     by_worker = {w: Shard(w, [], None if y is None else [], 0) for w in workers}
     fair_share = X.shape[0] / len(workers)
+    starts = np.cumsum((0,) + X.chunks[0][:-1])
     for i, key in enumerate(x_keys):
         rows = X.chunks[0][i]
         emptiest = min(workers, key=lambda w: by_worker[w].n_rows)
@@ -84,6 +90,7 @@ def _locate(client, X, y, workers):
             shard.y.append(y_futures[y_keys[i]])
         shard.n_rows += rows
         shard.chunk_rows.append(rows)
+        shard.starts.append(int(starts[i]))
     return [by_worker[w] for w in workers if by_worker[w].n_rows > 0]
 
 
@@ -115,15 +122,18 @@ def split_shard(client: Client, shard: Shard, to: str, source=None) -> tuple[Sha
                 scatter_rows(client, X, y, shard.rows[half:], to))
     if len(shard.X) > 1:
         cut = len(shard.X) // 2
-        pieces = [(shard.X[:cut], None if shard.y is None else shard.y[:cut], shard.chunk_rows[:cut]),
-                  (shard.X[cut:], None if shard.y is None else shard.y[cut:], shard.chunk_rows[cut:])]
+        pieces = [(shard.X[:cut], None if shard.y is None else shard.y[:cut], shard.chunk_rows[:cut], shard.starts[:cut]),
+                  (shard.X[cut:], None if shard.y is None else shard.y[cut:], shard.chunk_rows[cut:], shard.starts[cut:])]
     else:
         n = shard.chunk_rows[0]
         halves = [(0, n // 2), (n // 2, n)]
         cut = [[client.submit(take_rows, part[0], a, b, workers=[shard.address], pure=False) for a, b in halves]
                for part in ([shard.X] if shard.y is None else [shard.X, shard.y])]
-        pieces = [([cut[0][k]], None if shard.y is None else [cut[1][k]], [b - a]) for k, (a, b) in enumerate(halves)]
-    kept, given = (Shard(address, X, y, sum(rows), rows) for address, (X, y, rows) in zip((shard.address, to), pieces))
+        first = shard.starts[0] if shard.starts else 0
+        pieces = [([cut[0][k]], None if shard.y is None else [cut[1][k]], [b - a], [first + a])
+                  for k, (a, b) in enumerate(halves)]
+    kept, given = (Shard(address, X, y, sum(rows), rows, starts=starts)
+                   for address, (X, y, rows, starts) in zip((shard.address, to), pieces))
     return kept, given
 
 
@@ -137,4 +147,23 @@ def merge_shards(client: Client, heir: Shard, lost: Shard, source=None) -> Shard
     if heir.rows is not None and lost.rows is not None:
         rows = array_namespace(heir.rows).concat([heir.rows, lost.rows])
     return Shard(heir.address, heir.X + lost.X, None if heir.y is None else heir.y + lost.y,
-                 heir.n_rows + lost.n_rows, heir.chunk_rows + lost.chunk_rows, rows)
+                 heir.n_rows + lost.n_rows, heir.chunk_rows + lost.chunk_rows, rows, heir.starts + lost.starts)
+
+
+def positions_of(shard: Shard, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which of the rows ``chosen`` (sorted indices into the whole of X) ``shard``
+    holds: ``(positions among its rows, their indices in X)``, by position."""
+    if shard.rows is not None:
+        held = to_host(shard.rows).astype(np.int64)
+        sorter = np.argsort(held, kind="stable")
+        at = np.minimum(np.searchsorted(held, chosen, sorter=sorter), held.shape[0] - 1)
+        hit = held[sorter[at]] == chosen
+        local, ids = sorter[at[hit]], chosen[hit]
+    else:
+        offsets = np.cumsum([0] + shard.chunk_rows[:-1])
+        parts = [(chosen[(chosen >= start) & (chosen < start + n)], start, offset)
+                 for start, n, offset in zip(shard.starts, shard.chunk_rows, offsets)]
+        ids = np.concatenate([inside for inside, _, _ in parts] + [np.zeros(0, np.int64)])
+        local = np.concatenate([inside - start + offset for inside, start, offset in parts] + [np.zeros(0, np.int64)])
+    order = np.argsort(local, kind="stable")
+    return local[order], ids[order]

@@ -22,7 +22,7 @@ from ..channel import Channel
 from ..models import SGDModel
 from ._chains import AllWorkersLost, ChainKeeper, SchedulerLost, worker_addresses
 from ._checkpointer import Checkpointer
-from ._data import Shard, place
+from ._data import Shard, place, positions_of
 from ._history import build_history
 from ._spec import RunSpec
 from ._worker import best_state, initial_state, join_samples, sample_rows
@@ -183,15 +183,17 @@ def _hold(*values) -> None:
 
 
 def _samples(client, shards: list[Shard], size: int, seed: int) -> list:
-    """About ``size`` rows drawn across the workers, each share in proportion to
-    its rows; each worker samples its own rows, and only the samples travel."""
+    """``size`` rows drawn by their index in X, wherever they are: the same seed
+    picks the same rows on any cluster. (Drawn per worker from its own rows, the
+    sample, and so K-Means' initial state, changed with the rows' placement:
+    +0.02%, +0.30% and +1.71% over the optimum on three clusters, one seed.)
+    Each worker sends only its picked rows."""
     n_samples = sum(s.n_rows for s in shards)
+    chosen = np.sort(np.random.default_rng(seed).choice(n_samples, size=min(size, n_samples), replace=False))
+    picks = [(s, *positions_of(s, chosen)) for s in shards]
     return [
-        client.submit(
-            sample_rows, s.X, s.y, max(1, round(size * s.n_rows / n_samples)), seed + i,
-            workers=[s.address], pure=False,
-        )
-        for i, s in enumerate(shards)
+        client.submit(sample_rows, s.X, s.y, positions, ids, workers=[s.address], pure=False)
+        for s, positions, ids in picks if positions.shape[0]
     ]
 
 

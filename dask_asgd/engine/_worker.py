@@ -35,22 +35,23 @@ _RUNS: dict[tuple[str, str], "WorkerRun"] = {}
 _FINISHED: set[tuple[str, str]] = set()
 
 
-def sample_rows(X_chunks, y_chunks, n_rows: int, seed: int):
-    """A random sample of ``n_rows`` of this worker's rows (for the shared init)."""
+def sample_rows(X_chunks, y_chunks, positions, ids):
+    """This worker's rows at ``positions`` (for the shared init and the
+    evaluation rows), with ``ids``, their indices in the whole of X."""
     X, y = _concat(X_chunks), _concat(y_chunks)
     xp = array_namespace(X)
-    rng = np.random.default_rng(seed)
-    take = rng.choice(X.shape[0], size=min(n_rows, X.shape[0]), replace=False)
-    idx = host_to(xp, np.sort(take), X)
-    return xp.take(X, idx, axis=0), (None if y is None else xp.take(y, idx, axis=0))
+    idx = host_to(xp, positions, X)
+    return xp.take(X, idx, axis=0), (None if y is None else xp.take(y, idx, axis=0)), ids
 
 
 def join_samples(samples):
-    """One ``(X, y)`` from the workers' samples (for the init and the evaluation rows)."""
+    """One ``(X, y)`` from the workers' samples, in the rows' order in X: the
+    same rows in the same order however the rows were placed on the workers."""
     xs = [s[0] for s in samples]
     xp = array_namespace(*xs)
-    X = xp.concat(xs)
-    y = None if samples[0][1] is None else xp.concat([s[1] for s in samples])
+    order = host_to(xp, np.argsort(np.concatenate([s[2] for s in samples]), kind="stable"), xs[0])
+    X = xp.take(xp.concat(xs), order, axis=0)
+    y = None if samples[0][1] is None else xp.take(xp.concat([s[1] for s in samples]), order, axis=0)
     return X, y
 
 

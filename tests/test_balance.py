@@ -62,10 +62,18 @@ def test_interval_grows_when_bandwidth_drops_and_shrinks_when_it_recovers():
 
 
 def test_reacts_within_five_seconds_of_a_drop():
-    _, trace = drive([(20, 1e-3, 12.5e6), (20, 1e-3, 0.625e6)])
-    before = [b for t, b, _, _ in trace if t == 20.0][0]
-    after = [(t, b) for t, b, _, _ in trace if 20.0 < t <= 25.0]
-    assert any(b >= 2 * before for _, b in after), after
+    # 100 -> 5 Mbit/s: within 5 s the settings are ones the slower link can
+    # carry (a longer interval, smaller slices, or both), and were not before.
+    bandwidth = 0.625e6
+    _, trace = drive([(20, 1e-3, 12.5e6), (20, 1e-3, bandwidth)])
+
+    def link_busy(b, m):
+        return SPEED * (1e-3 + m * 8 / bandwidth) / b
+
+    before = [(b, m) for t, b, m, _ in trace if t == 20.0][0]
+    after = [(b, m) for t, b, m, _ in trace if 20.0 < t <= 25.0]
+    assert link_busy(*before) > 1.0
+    assert link_busy(*after[-1]) <= 1.0, after
 
 
 def test_message_size_follows_latency_over_bandwidth():
@@ -177,6 +185,17 @@ def test_backlog_on_a_bytes_bound_link_halves_the_size_and_caps_it_until_quiet()
         sizes[round(t, 2)] = balancer.message_size
     assert max(size for t, size in sizes.items() if t < 6.0) == cut.message_size
     assert sizes[8.25] == 2 * cut.message_size  # 5 s quiet: the cap doubles
+
+
+def test_backlog_cut_stops_at_the_smallest_split_over_the_floor():
+    # 64,064 parameters split in 64 give 1,001 (under the 1,024 floor): a cut
+    # that asks for less takes 2,002, not a doubling of the interval instead.
+    balancer = Balancer(64_064, 8, 256, comm_interval=1024, message_size=8_008)
+    balancer.update(Report(elapsed=0.25, samples=10_000, seconds=0.25, sends=[(8, 1.5e-3)], in_flight=2))
+    interval = balancer.comm_interval
+    cut = balancer.update(Report(elapsed=1.0, samples=10_000, seconds=0.25, in_flight=2, oldest_in_flight=0.6))
+    assert cut is not None and "bytes are the cost" in cut.reason
+    assert (cut.comm_interval, cut.message_size) == (interval, 2_002)
 
 
 def test_backlog_with_slow_probes_doubles_the_interval():

@@ -295,7 +295,7 @@ class Balancer:
             why = (f"backlog: {report.superseded} message(s) superseded before sending"
                    if report.superseded else f"backlog: a send in flight for {report.oldest_in_flight:.2f} s")
             smaller = min(size, self._backlog_size())
-            if self._bytes_bound() and self.tune_size and smaller >= self.settings.min_message_size and smaller < self.message_size:
+            if self._bytes_bound() and self.tune_size and smaller < self.message_size:
                 self._size_cap = smaller
                 return self._change(self.comm_interval, smaller, now,
                                     f"{why}; probes take {self.fixed_cost * 1e3:.1f} ms and sends up to "
@@ -332,7 +332,10 @@ class Balancer:
         if self.speed and self._slowest > 0:
             room = s.link_share * self.comm_interval / self.speed
             wanted = min(wanted, self.message_size * room / self._slowest)
-        return split_size(self.n_params, max(wanted, s.min_message_size), s.max_levels)
+        smallest = split_size(self.n_params, s.min_message_size, s.max_levels)
+        if smallest < s.min_message_size:
+            smallest *= 2  # splits round down: 64,064 parameters in 64 give 1,001, under a 1,024 floor
+        return max(split_size(self.n_params, wanted, s.max_levels), min(smallest, self.n_params))
 
     def _bytes_bound(self) -> bool:
         """The quickest probe is far quicker than the slowest send: the link's

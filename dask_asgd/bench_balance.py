@@ -112,6 +112,17 @@ def run_shaped(cluster, client, run, schedule, budget: float = 0.0):
     return result["value"]
 
 
+def _check_all_workers_trained(h, n_workers: int, run: str) -> None:
+    """Every worker trained the whole fit: one that left (seen once, at 10 Mbit/s)
+    hands its rows to the other, and from then on every setting trains alone and
+    ties, which would make the comparison meaningless without saying so."""
+    lost = [w for e, w in zip(h.event.values, h.event_worker.values) if e == "lost"] if "event" in h else []
+    if h.sizes["worker"] < n_workers or lost:
+        raise RuntimeError(f"{run}: {h.sizes['worker']} of {n_workers} workers trained"
+                           + (f", {', '.join(lost)} left mid-fit" if lost else "")
+                           + "; the emulated cluster lost a worker, so the results would compare nothing: run again")
+
+
 def _run_ids(dask_scheduler):
     monitor = dask_scheduler.plugins.get("dask-asgd-monitor")
     return [] if monitor is None else [r for r, run in monitor.runs.items() if run.workers]
@@ -177,6 +188,7 @@ def run(out: Path, quick: bool = False, budget: float | None = None, problems=("
                 for regime_name in regimes:
                     for setting in only or settings(n_params, quick):
                         h = _run_one(cluster, client, make, X, y, setting, REGIMES[regime_name], budget)
+                        _check_all_workers_trained(h, 2, f"{problem} {regime_name} {setting.name} repeat {repeat}")
                         curves.setdefault((regime_name, setting.name), []).append(curve(h))
                         print(f"{problem:8s} {regime_name:10s} {setting.name:22s} repeat {repeat} "
                               f"final loss {float(h.loss.mean('worker')[-1]):.5g}", flush=True)

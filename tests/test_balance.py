@@ -344,3 +344,25 @@ def test_balance_benchmark_summary_arithmetic():
     assert ratios(lone)["q"]["fixed_within_1.15_everywhere"] == []
     lone[0]["time_to_target_s"] = inf
     assert math.isnan(ratios(lone)["q"]["auto_over_best"]["a"])
+
+
+def test_balance_benchmark_refuses_a_fit_that_lost_a_worker():
+    # A worker that leaves hands its rows to the other, and every later setting
+    # then trains alone and ties (seen once at 10 Mbit/s): the run must say so.
+    import xarray as xr
+
+    from dask_asgd.bench_balance import _check_all_workers_trained
+
+    def history(workers, events=()):
+        h = xr.Dataset({"loss": (("time", "worker"), np.zeros((3, len(workers))))},
+                       coords={"time": [0.1, 0.2, 0.3], "worker": list(workers)})
+        if events:
+            h["event"] = ("event", [e for e, _ in events])
+            h["event_worker"] = ("event", [w for _, w in events])
+        return h
+
+    _check_all_workers_trained(history(["a", "b"]), 2, "run")
+    with pytest.raises(RuntimeError, match="1 of 2 workers trained"):
+        _check_all_workers_trained(history(["a"]), 2, "run")
+    with pytest.raises(RuntimeError, match="b left mid-fit"):
+        _check_all_workers_trained(history(["a", "b"], [("lost", "b"), ("joined", "c")]), 2, "run")

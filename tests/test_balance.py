@@ -198,6 +198,17 @@ def test_backlog_cut_stops_at_the_smallest_split_over_the_floor():
     assert (cut.comm_interval, cut.message_size) == (interval, 2_002)
 
 
+def test_backlog_cuts_the_size_when_only_the_size_is_auto():
+    # comm_interval fixed by the user, message_size "auto": a bytes-bound backlog
+    # still cuts the size; the interval stays the user's.
+    balancer = Balancer(64_000, 8, 256, comm_interval=2048, message_size=64_000, tune_interval=False)
+    balancer.update(Report(elapsed=0.25, samples=5_000, seconds=0.25, sends=[(8, 2e-3)], in_flight=2))
+    cut = balancer.update(Report(elapsed=1.0, samples=5_000, seconds=0.25, superseded=3, in_flight=2,
+                                 oldest_in_flight=0.5))
+    assert cut is not None and "bytes are the cost" in cut.reason
+    assert cut.comm_interval == 2048 and cut.message_size < 64_000
+
+
 def test_backlog_with_slow_probes_doubles_the_interval():
     # Probes as slow as state messages: a per-message cost, not bytes; slices would not help.
     balancer = Balancer(64_000, 8, 256, comm_interval=2048, message_size=64_000)

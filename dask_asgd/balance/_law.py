@@ -288,7 +288,7 @@ class Balancer:
             and _valid(report.oldest_in_flight) and report.oldest_in_flight > 4 * self.message_time(self.message_size) + 0.05
         ))
         self._in_flight = report.in_flight if _valid(report.in_flight) else 0
-        if backlog and self.tune_interval:
+        if backlog and (self.tune_interval or self.tune_size):
             if now - self._last_change < self.settings.min_change_interval / 2:
                 return None
             self._quiet_since = now
@@ -300,8 +300,8 @@ class Balancer:
                 return self._change(self.comm_interval, smaller, now,
                                     f"{why}; probes take {self.fixed_cost * 1e3:.1f} ms and sends up to "
                                     f"{self._slowest:.2f} s, so bytes are the cost: {smaller}-parameter slices")
-            interval = self._quantise(self.comm_interval * 2)
-            return self._change(interval, size, now, why)
+            if self.tune_interval:
+                return self._change(self._quantise(self.comm_interval * 2), size, now, why)
         if now - self._last_change < self.settings.min_change_interval:
             return None
         wanted = self.target_interval(size) if self.tune_interval else self.comm_interval

@@ -18,7 +18,7 @@ UNITS = {
 }
 
 DESCRIPTIONS = {
-    "loss": "model loss on a fixed sample of the worker's own rows",
+    "loss": "model loss on a fixed sample of rows drawn from all the data, the same for every worker",
     "samples": "samples processed by the worker so far",
     "messages_sent": "state messages the worker published",
     "messages_delivered": "published messages that reached a peer's mailbox",

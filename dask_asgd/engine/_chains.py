@@ -44,9 +44,10 @@ def fetch_result(future: Future, gone):
     ``future.result()`` waits forever (seen in CI: a sync fit hung). So wait a
     while at a time, and between waits ask ``gone()`` whether the worker left.
     """
+    patience = RESULT_PATIENCE
     while True:
         try:
-            return future.result(timeout=RESULT_PATIENCE)
+            return future.result(timeout=patience)
         except FutureCancelledError:
             if gone():
                 return None
@@ -54,6 +55,9 @@ def fetch_result(future: Future, gone):
         except TimeoutError:
             if gone():
                 return None
+            # A live worker with a large result on a slow link: a timed-out fetch
+            # starts again from nothing, so wait longer each time.
+            patience *= 2
 
 
 class AllWorkersLost(RuntimeError):

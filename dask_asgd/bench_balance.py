@@ -19,6 +19,8 @@ from .datasets import make_blobs
 from .estimators import KMeans, LogisticRegression
 from .testing.netem import EmulatedCluster
 
+N_WORKERS = 2
+
 REGIMES = {
     "unshaped": [(0.0, None)],
     "100mbit": [(0.0, "100mbit")],
@@ -177,7 +179,7 @@ def run(out: Path, quick: bool = False, budget: float | None = None, problems=("
     # A small init sample: the set-up is not what is measured. History rows
     # every 0.1 s: times to target differ by fractions of a second.
     config = {"asgd.init.sample-size": 5000, "asgd.engine.history-interval": 0.1}
-    with dask.config.set(config), EmulatedCluster(n_workers=2) as cluster, cluster.client() as client:
+    with dask.config.set(config), EmulatedCluster(n_workers=N_WORKERS) as cluster, cluster.client() as client:
         for problem in problems:
             X, y, make, n_params = _problem(problem, n_samples)
             X = client.persist(X)
@@ -188,7 +190,7 @@ def run(out: Path, quick: bool = False, budget: float | None = None, problems=("
                 for regime_name in regimes:
                     for setting in only or settings(n_params, quick):
                         h = _run_one(cluster, client, make, X, y, setting, REGIMES[regime_name], budget)
-                        _check_all_workers_trained(h, 2, f"{problem} {regime_name} {setting.name} repeat {repeat}")
+                        _check_all_workers_trained(h, N_WORKERS, f"{problem} {regime_name} {setting.name} repeat {repeat}")
                         curves.setdefault((regime_name, setting.name), []).append(curve(h))
                         print(f"{problem:8s} {regime_name:10s} {setting.name:22s} repeat {repeat} "
                               f"final loss {float(h.loss.mean('worker')[-1]):.5g}", flush=True)

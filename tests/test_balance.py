@@ -162,7 +162,7 @@ def test_no_backlog_doubling_while_larger_messages_drain():
     assert late is not None and "backlog" in late.reason
 
 
-def test_backlog_on_a_bytes_bound_link_halves_the_size_and_caps_it_until_quiet():
+def test_backlog_on_a_bytes_bound_link_cuts_the_size_and_caps_it_until_quiet():
     balancer = Balancer(64_000, 8, 256, comm_interval=2048, message_size=64_000)
     balancer.update(Report(elapsed=0.25, samples=5_000, seconds=0.25, sends=[(8, 2e-3)], in_flight=2))
     interval = balancer.comm_interval

@@ -381,7 +381,8 @@ def fit_link(sends: list[tuple[int, float]]) -> tuple[float, float | None]:
 
 
 def split_size(n_params: int, wanted: float, max_levels: int) -> int:
-    """The slice size of the power-of-two split of ``n_params`` nearest above ``wanted``."""
+    """The slice size of the coarsest power-of-two split of ``n_params`` whose slices
+    are at most about ``wanted`` (slices round up: 64,064 in 64 are 1,001 each)."""
     level = level_for(n_params, wanted, max_levels)
     return math.ceil(n_params / 2**level)
 

@@ -10,6 +10,7 @@ from collections import deque
 
 from distributed import Client, Future, wait
 from distributed.client import FutureCancelledError, FuturesCancelledError
+from distributed.comm import CommClosedError
 
 from ._data import Shard, merge_shards, split_shard
 from ._spec import RunSpec
@@ -27,8 +28,18 @@ def worker_addresses(client: Client) -> set[str]:
     """The workers the scheduler has now. Asked of the scheduler itself:
     ``Client.scheduler_info()`` returns a cache that the client's own periodic
     refresh can replace, between the fetch and the return, with one that lists
-    no workers (seen under load: every worker of a fit looked lost at once)."""
-    return set(client.run_on_scheduler(_scheduler_workers))
+    no workers (seen under load: every worker of a fit looked lost at once).
+
+    Raises SchedulerLost when the scheduler cannot be reached: a scheduler that
+    just died shows here first, as a reset connection, before the client's own
+    status changes (seen in CI). A client already reconnecting is not asked: its
+    call would wait out the whole reconnect timeout."""
+    if client.status not in ("running", "newly-created"):
+        raise SchedulerLost(_scheduler_lost_message(client))
+    try:
+        return set(client.run_on_scheduler(_scheduler_workers))
+    except (CommClosedError, OSError) as e:
+        raise SchedulerLost(_scheduler_lost_message(client)) from e
 
 
 def _scheduler_workers(dask_scheduler) -> list[str]:
@@ -66,6 +77,11 @@ class AllWorkersLost(RuntimeError):
 
 class SchedulerLost(ConnectionError):
     """The client lost its scheduler while training ran."""
+
+
+def _scheduler_lost_message(client: Client) -> str:
+    return (f"lost the connection to the Dask scheduler at {client.scheduler.address}; "
+            "fit again once it is back (with checkpoint=DIR, resume=True goes on from the newest checkpoint)")
 
 
 class ChainKeeper:
@@ -148,10 +164,7 @@ class ChainKeeper:
             return
         if future.cancelled():
             if self.client.status != "running":
-                raise SchedulerLost(
-                    f"lost the connection to the Dask scheduler at {self.client.scheduler.address} during training; "
-                    "fit again once it is back (with checkpoint=DIR, resume=True goes on from the newest checkpoint)"
-                )
+                raise SchedulerLost(_scheduler_lost_message(self.client))
             if self._gone(i):
                 return  # its worker died: _check_membership hands its rows on
             raise RuntimeError(f"the training task {future.key} was cancelled on a live worker, "

@@ -146,19 +146,26 @@ def time_to(times, loss, target: float) -> float:
 
 
 def curve(h) -> dict:
-    """Mean loss over workers against time, and auto's settings, from one fit's history."""
+    """Mean loss over workers against time, auto's settings, and the balancer's
+    adjustments with their reasons, from one fit's history."""
+    adjustments = [] if "adjustment_time" not in h else [
+        {"time": float(t), "worker": str(w), "comm_interval": int(b), "message_size": int(m), "reason": str(r)}
+        for t, w, b, m, r in zip(h.adjustment_time.values, h.adjustment_worker.values, h.adjustment_comm_interval.values,
+                                 h.adjustment_message_size.values, h.adjustment_reason.values)]
     return {
         "time": h.time.values.tolist(),
         "loss": h.loss.mean("worker").values.tolist(),
         "comm_interval": h.comm_interval.mean("worker").values.tolist(),
         "message_size": h.message_size.mean("worker").values.tolist(),
         "in_flight_max": h.in_flight.max("worker").fillna(0).values.tolist() if "in_flight" in h else [],
+        "adjustments": adjustments,
     }
 
 
 def summarise(curves: list[dict], target: float) -> dict:
     """Over repeats: median time to ``target`` and median loss at the budget; the
-    curve kept (and plotted) is the repeat with the median time."""
+    curve kept (and plotted) is the repeat with the median time. Every repeat's
+    final loss and adjustments are kept too: a bad repeat is read from them."""
     times = [time_to(c["time"], c["loss"], target) for c in curves]
     finals = [c["loss"][-1] for c in curves]
     middle = sorted(range(len(curves)), key=lambda i: times[i])[len(curves) // 2]
@@ -166,8 +173,10 @@ def summarise(curves: list[dict], target: float) -> dict:
         "time_to_target_s": float(np.median(times)),
         "times_to_target_s": times,
         "final_loss": float(np.median(finals)),
+        "final_losses": finals,
         "repeats": len(curves),
         **curves[middle],
+        "repeat_adjustments": [c["adjustments"] for c in curves],
     }
 
 

@@ -1,6 +1,7 @@
 """The balancing law on synthetic timing traces, and the scheduler's monitor on
 a real cluster (reports arrive, malformed ones are dropped, settings go back)."""
 
+import dataclasses
 import math
 import random
 
@@ -45,6 +46,14 @@ def drive(phases, noise=0.1, seed=0, settings=None, report_every=0.5, in_flight_
             ))
             trace.append((t, balancer.comm_interval, balancer.message_size, decision))
     return balancer, trace
+
+
+def backlogged(balancer, report):
+    """The same backlog in two reports in a row, 0.25 s apart (one alone is taken
+    for a stall of the machine); the second report's decision."""
+    first = balancer.update(dataclasses.replace(report, elapsed=report.elapsed - 0.25))
+    assert first is None or "backlog" not in first.reason
+    return balancer.update(report)
 
 
 def changes_between(trace, start, stop):
@@ -126,7 +135,7 @@ def test_nonsense_measurements_are_ignored():
 def test_backlog_doubles_the_interval_at_once():
     balancer, _ = drive([(10, 1e-3, 12.5e6)])
     before = balancer.comm_interval
-    decision = balancer.update(Report(elapsed=12.0, samples=750_000, seconds=0.5, superseded=3))
+    decision = backlogged(balancer, Report(elapsed=12.0, samples=750_000, seconds=0.5, superseded=3))
     assert decision is not None and decision.comm_interval >= 2 * before * 0.7
     assert "backlog: 3 message(s) superseded" in decision.reason
 
@@ -158,7 +167,7 @@ def test_no_backlog_doubling_while_larger_messages_drain():
     waiting = balancer.update(Report(elapsed=2.2, samples=5_000, seconds=0.25, in_flight=2, oldest_in_flight=0.6))
     assert waiting is None or "backlog" not in waiting.reason
     # Once they had time to drain, the same report is a backlog.
-    late = balancer.update(Report(elapsed=3.0, samples=5_000, seconds=0.25, in_flight=2, oldest_in_flight=0.9))
+    late = backlogged(balancer, Report(elapsed=3.0, samples=5_000, seconds=0.25, in_flight=2, oldest_in_flight=0.9))
     assert late is not None and "backlog" in late.reason
 
 
@@ -168,8 +177,8 @@ def test_backlog_on_a_bytes_bound_link_cuts_the_size_and_caps_it_until_quiet():
     interval = balancer.comm_interval
     # Sends superseded, a whole state on the wire for 0.5 s, probes back in 2 ms:
     # bytes are the cost, so slices, at the same interval.
-    cut = balancer.update(Report(elapsed=1.0, samples=5_000, seconds=0.25, superseded=3, in_flight=2,
-                                 oldest_in_flight=0.5))
+    cut = backlogged(balancer, Report(elapsed=1.0, samples=5_000, seconds=0.25, superseded=3, in_flight=2,
+                                        oldest_in_flight=0.5))
     assert cut is not None and "bytes are the cost" in cut.reason
     # At the same interval, to what the link carries in its share of one: 0.5 x
     # (interval / 20,000 samples/s) of the 0.5 s a whole state took, or less.
@@ -193,7 +202,7 @@ def test_backlog_cut_stops_at_the_smallest_split_over_the_floor():
     balancer = Balancer(64_064, 8, 256, comm_interval=1024, message_size=8_008)
     balancer.update(Report(elapsed=0.25, samples=10_000, seconds=0.25, sends=[(8, 1.5e-3)], in_flight=2))
     interval = balancer.comm_interval
-    cut = balancer.update(Report(elapsed=1.0, samples=10_000, seconds=0.25, in_flight=2, oldest_in_flight=0.6))
+    cut = backlogged(balancer, Report(elapsed=1.0, samples=10_000, seconds=0.25, in_flight=2, oldest_in_flight=0.6))
     assert cut is not None and "bytes are the cost" in cut.reason
     assert (cut.comm_interval, cut.message_size) == (interval, 2_002)
 
@@ -203,10 +212,28 @@ def test_backlog_cuts_the_size_when_only_the_size_is_auto():
     # still cuts the size; the interval stays the user's.
     balancer = Balancer(64_000, 8, 256, comm_interval=2048, message_size=64_000, tune_interval=False)
     balancer.update(Report(elapsed=0.25, samples=5_000, seconds=0.25, sends=[(8, 2e-3)], in_flight=2))
-    cut = balancer.update(Report(elapsed=1.0, samples=5_000, seconds=0.25, superseded=3, in_flight=2,
-                                 oldest_in_flight=0.5))
+    cut = backlogged(balancer, Report(elapsed=1.0, samples=5_000, seconds=0.25, superseded=3, in_flight=2,
+                                        oldest_in_flight=0.5))
     assert cut is not None and "bytes are the cost" in cut.reason
     assert cut.comm_interval == 2048 and cut.message_size < 64_000
+
+
+def test_one_report_of_backlog_is_taken_for_a_stall_of_the_machine():
+    # Unshaped, 1.5 ms sends every 28 ms; a stall of the machine makes one send
+    # take 60 ms and supersedes a message (seen on 2 cores). Alone, that moves
+    # nothing; the same in the next report too is a saturated link.
+    balancer = Balancer(64_000, 8, 256, comm_interval=512, message_size=64_000)
+    for i in range(1, 9):
+        balancer.update(Report(elapsed=0.25 * i, samples=4_500, seconds=0.25, sends=[(8 * 64_000, 1.5e-3), (8, 1.1e-3)]))
+    settings = (balancer.comm_interval, balancer.message_size)
+    stall = Report(elapsed=2.25, samples=4_500, seconds=0.25, sends=[(8 * 64_000, 0.06), (8, 1.1e-3)], superseded=1)
+    quiet = Report(elapsed=2.5, samples=4_500, seconds=0.25, sends=[(8 * 64_000, 1.5e-3), (8, 1.1e-3)])
+    for report in (stall, quiet, dataclasses.replace(stall, elapsed=2.75)):
+        decision = balancer.update(report)
+        assert decision is None or "backlog" not in decision.reason
+    assert (balancer.comm_interval, balancer.message_size) == settings
+    saturated = balancer.update(dataclasses.replace(stall, elapsed=3.0))
+    assert saturated is not None and "backlog" in saturated.reason
 
 
 def test_backlog_with_slow_probes_doubles_the_interval():
@@ -214,8 +241,8 @@ def test_backlog_with_slow_probes_doubles_the_interval():
     balancer = Balancer(64_000, 8, 256, comm_interval=2048, message_size=64_000)
     balancer.update(Report(elapsed=0.25, samples=5_000, seconds=0.25, sends=[(8, 0.3)], in_flight=2))
     interval = balancer.comm_interval
-    decision = balancer.update(Report(elapsed=1.5, samples=5_000, seconds=0.25, superseded=3, in_flight=2,
-                                      oldest_in_flight=0.5))
+    decision = backlogged(balancer, Report(elapsed=1.5, samples=5_000, seconds=0.25, superseded=3, in_flight=2,
+                                             oldest_in_flight=0.5))
     assert decision is not None and "backlog" in decision.reason and "bytes are the cost" not in decision.reason
     assert decision.comm_interval >= 1.9 * interval
 
@@ -334,9 +361,12 @@ def test_balance_benchmark_summary_arithmetic():
     assert time_to([0.0, 0.1, 0.2], [10.0, 6.0, 2.0], 4.0) == pytest.approx(0.15)
     assert time_to([0.0, 0.1], [10.0, 6.0], 1.0) == float("inf")
     assert time_to([0.5, 0.6], [3.0, 2.0], 4.0) == 0.5
-    curves = [{"time": [0.0, 1.0], "loss": [10.0, v]} for v in (1.0, 5.0, 3.0)]
+    curves = [{"time": [0.0, 1.0], "loss": [10.0, v], "adjustments": [{"reason": f"r{v}"}]} for v in (1.0, 5.0, 3.0)]
     s = summarise(curves, 4.0)
     assert s["repeats"] == 3 and s["final_loss"] == 3.0
+    # Every repeat's final loss and adjustments are kept, in repeat order.
+    assert s["final_losses"] == [1.0, 5.0, 3.0]
+    assert [a[0]["reason"] for a in s["repeat_adjustments"]] == ["r1.0", "r5.0", "r3.0"]
     assert s["time_to_target_s"] == pytest.approx(0.857142857)  # the median of 2/3, 6/7 and inf
     assert s["loss"] == [10.0, 3.0]  # the median repeat's curve is kept
     records = [{"problem": "p", "regime": g, "setting": f, "time_to_target_s": t, "final_loss": l}

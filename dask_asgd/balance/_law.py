@@ -30,7 +30,8 @@ The law (our own design; the papers' is not published in usable form):
   apart. When such sends take long (over ``probe_seconds``), the message size is
   halved once, and the two sizes separate them.
 * Backlog: sends superseded while waiting, or older than the estimated message
-  time, mean the link is already saturated. If the quickest probe is far
+  time, in two reports in a row (one can be a stall of the machine), mean the
+  link is already saturated. If the quickest probe is far
   quicker than the slow sends, bytes are the cost, not messages: the message
   size falls at once, b stays, and the new size caps the law's size until
   ``relax_seconds`` pass without backlog (then the cap doubles, and so on).
@@ -144,6 +145,7 @@ class Balancer:
         self._in_flight = 0
         self._size_cap = n_params  # lowered by backlog on a bytes-bound link; relaxes in quiet
         self._quiet_since = 0.0  # elapsed time of the last backlog, or of the last relaxation
+        self._backlog_reports = 0  # reports in a row that showed backlog
 
     # -- estimation ------------------------------------------------------------------------
     def _smooth(self, old: float | None, new: float, seconds: float) -> float:
@@ -283,15 +285,24 @@ class Balancer:
             self._size_cap = split_size(self.n_params, 2 * self._size_cap, self.settings.max_levels)
             self._quiet_since = now
         size = self.target_message_size()
-        backlog = now >= self._draining_until and (report.superseded > 0 or (
+        backlogged = now >= self._draining_until and (report.superseded > 0 or (
             self.latency is not None and report.in_flight > 0
             and _valid(report.oldest_in_flight) and report.oldest_in_flight > 4 * self.message_time(self.message_size) + 0.05
         ))
+        # One report of backlog can be a stall of the machine, not the link: on
+        # 2 shared cores a 60 ms send unshaped (1.5 ms usual) superseded one
+        # message, the law cut K-Means to 1/8 slices, and 1 run in 3 went badly.
+        # A saturated link is backlogged in the next report too.
+        self._backlog_reports = self._backlog_reports + 1 if backlogged else 0
+        backlog = self._backlog_reports >= 2
         self._in_flight = report.in_flight if _valid(report.in_flight) else 0
+        if backlogged and not backlog:
+            return None  # wait for the next report: a stall's timings say nothing of the link either
         if backlog and (self.tune_interval or self.tune_size):
             if now - self._last_change < self.settings.min_change_interval / 2:
                 return None
             self._quiet_since = now
+            self._backlog_reports = 0  # the next step needs backlog in two fresh reports
             why = (f"backlog: {report.superseded} message(s) superseded before sending"
                    if report.superseded else f"backlog: a send in flight for {report.oldest_in_flight:.2f} s")
             smaller = min(size, self._backlog_size())

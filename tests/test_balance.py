@@ -96,6 +96,19 @@ def test_message_size_follows_latency_over_bandwidth():
     assert optimal / 2 <= b.message_size <= optimal * 2
 
 
+def test_message_size_is_the_split_nearest_the_optimum():
+    # 64,064 parameters, 1.3 ms fixed cost, 1.1 MB/s (about 10 Mbit/s with two
+    # peers): the law's optimum is sqrt(64,064 x 1.3e-3 x 1.1e6 / (2 x 0.5 x 8))
+    # = 3,390 parameters. The age is as far above its minimum at k times the
+    # optimum as at 1/k of it, so 4,004 (1.18x), not 2,002 (1/1.69).
+    latency, bandwidth, whole = 1.3e-3, 1.1e6, 8 * 64_064
+    balancer = Balancer(64_064, 8, 256, comm_interval=2048, message_size=64_064)
+    for i in range(1, 9):
+        balancer.update(Report(elapsed=0.25 * i, samples=10_000, seconds=0.25,
+                               sends=[(whole, latency + whole / bandwidth), (8, latency)]))
+    assert balancer.message_size == 4_004
+
+
 def test_holds_the_targets_in_steady_state():
     balancer, _ = drive([(30, 1e-3, 12.5e6)])
     s = balancer.settings
@@ -205,6 +218,19 @@ def test_backlog_cut_stops_at_the_smallest_split_over_the_floor():
     cut = backlogged(balancer, Report(elapsed=1.0, samples=10_000, seconds=0.25, in_flight=2, oldest_in_flight=0.6))
     assert cut is not None and "bytes are the cost" in cut.reason
     assert (cut.comm_interval, cut.message_size) == (interval, 2_002)
+
+
+def test_backlog_cut_takes_the_split_nearest_what_the_link_carries():
+    # 10 Mbit/s, whole states of 64,064 parameters every 2048 samples at 40,000
+    # samples/s, a send on the wire for 0.5 s: the link carries 64,064 x (0.5 x
+    # 2048 / 40,000 s) / 0.5 s = 3,280 parameters in its share of an interval.
+    # The nearest split is 4,004 (the best fixed slices there), not 2,002.
+    balancer = Balancer(64_064, 8, 256, comm_interval=2048, message_size=64_064)
+    balancer.update(Report(elapsed=0.25, samples=10_000, seconds=0.25, sends=[(8, 2e-3)], in_flight=2))
+    cut = backlogged(balancer, Report(elapsed=1.0, samples=10_000, seconds=0.25, superseded=3, in_flight=2,
+                                      oldest_in_flight=0.5))
+    assert cut is not None and "bytes are the cost" in cut.reason
+    assert (cut.comm_interval, cut.message_size) == (2048, 4_004)
 
 
 def test_backlog_cuts_the_size_when_only_the_size_is_auto():

@@ -352,7 +352,7 @@ class Balancer:
             smallest *= 2  # splits round down: 64,064 parameters in 64 give 1,001, under a 1,024 floor
         # The split nearest the wanted size (within sqrt(2)), not the next one
         # under it: 10 Mbit/s took 2,002 for a wanted 3,280, where the law's own
-        # optimum was 3,600 and 4,004 the best fixed slices.
+        # optimum was about 3,400 and 4,004 the best fixed slices.
         return max(split_size(self.n_params, wanted * math.sqrt(2), s.max_levels), min(smallest, self.n_params))
 
     def _bytes_bound(self) -> bool:

@@ -159,13 +159,34 @@ def curve(h) -> dict:
         "message_size": h.message_size.mean("worker").values.tolist(),
         "in_flight_max": h.in_flight.max("worker").fillna(0).values.tolist() if "in_flight" in h else [],
         "adjustments": adjustments,
+        "workers": worker_summary(h),
     }
+
+
+def worker_summary(h) -> list[dict]:
+    """Per worker: final loss, samples/s, and the longest gap between its history
+    rows. A training thread that stalls writes no rows, so a gap far over the
+    history interval is a stall (a bad repeat's mean loss alone does not say
+    which worker went wrong)."""
+    summary = []
+    for worker in h.worker.values:
+        rows = h.sel(worker=worker).dropna("time", subset=["samples"])
+        t, samples, loss = rows.time.values, rows.samples.values, rows.loss.values
+        span = float(t[-1] - t[0]) if len(t) > 1 else 0.0
+        summary.append({
+            "worker": str(worker),
+            "final_loss": float(loss[-1]) if len(loss) else math.nan,
+            "samples_per_s": float(samples[-1] - samples[0]) / span if span > 0 else math.nan,
+            "longest_row_gap_s": float(np.diff(t).max()) if len(t) > 1 else math.nan,
+        })
+    return summary
 
 
 def summarise(curves: list[dict], target: float) -> dict:
     """Over repeats: median time to ``target`` and median loss at the budget; the
     curve kept (and plotted) is the repeat with the median time. Every repeat's
-    final loss and adjustments are kept too: a bad repeat is read from them."""
+    final loss, adjustments and per-worker summary are kept too: a bad repeat is
+    read from them."""
     times = [time_to(c["time"], c["loss"], target) for c in curves]
     finals = [c["loss"][-1] for c in curves]
     middle = sorted(range(len(curves)), key=lambda i: times[i])[len(curves) // 2]
@@ -177,6 +198,7 @@ def summarise(curves: list[dict], target: float) -> dict:
         "repeats": len(curves),
         **curves[middle],
         "repeat_adjustments": [c["adjustments"] for c in curves],
+        "repeat_workers": [c["workers"] for c in curves],
     }
 
 

@@ -387,12 +387,14 @@ def test_balance_benchmark_summary_arithmetic():
     assert time_to([0.0, 0.1, 0.2], [10.0, 6.0, 2.0], 4.0) == pytest.approx(0.15)
     assert time_to([0.0, 0.1], [10.0, 6.0], 1.0) == float("inf")
     assert time_to([0.5, 0.6], [3.0, 2.0], 4.0) == 0.5
-    curves = [{"time": [0.0, 1.0], "loss": [10.0, v], "adjustments": [{"reason": f"r{v}"}]} for v in (1.0, 5.0, 3.0)]
+    curves = [{"time": [0.0, 1.0], "loss": [10.0, v], "adjustments": [{"reason": f"r{v}"}], "workers": [{"final_loss": v}]}
+              for v in (1.0, 5.0, 3.0)]
     s = summarise(curves, 4.0)
     assert s["repeats"] == 3 and s["final_loss"] == 3.0
     # Every repeat's final loss and adjustments are kept, in repeat order.
     assert s["final_losses"] == [1.0, 5.0, 3.0]
     assert [a[0]["reason"] for a in s["repeat_adjustments"]] == ["r1.0", "r5.0", "r3.0"]
+    assert [w[0]["final_loss"] for w in s["repeat_workers"]] == [1.0, 5.0, 3.0]
     assert s["time_to_target_s"] == pytest.approx(0.857142857)  # the median of 2/3, 6/7 and inf
     assert s["loss"] == [10.0, 3.0]  # the median repeat's curve is kept
     records = [{"problem": "p", "regime": g, "setting": f, "time_to_target_s": t, "final_loss": l}
@@ -411,6 +413,27 @@ def test_balance_benchmark_summary_arithmetic():
     assert ratios(lone)["q"]["fixed_within_1.15_everywhere"] == []
     lone[0]["time_to_target_s"] = inf
     assert math.isnan(ratios(lone)["q"]["auto_over_best"]["a"])
+
+
+def test_balance_benchmark_worker_summary_shows_a_stalled_worker():
+    # History rows every 0.1 s; worker b writes none from 0.3 s to 1.5 s (its
+    # training thread stalled) and ends behind.
+    import xarray as xr
+
+    from dask_asgd.bench_balance import worker_summary
+
+    times = np.round(np.arange(1, 21) * 0.1, 1)
+    samples = np.vstack([np.arange(1, 21) * 1000.0, np.arange(1, 21) * 1000.0]).T
+    loss = np.vstack([np.linspace(4, 1, 20), np.linspace(4, 2, 20)]).T
+    stalled = (times > 0.3) & (times < 1.5)
+    samples[stalled, 1] = loss[stalled, 1] = np.nan
+    h = xr.Dataset({"samples": (("time", "worker"), samples), "loss": (("time", "worker"), loss)},
+                   coords={"time": times, "worker": ["a", "b"]})
+    a, b = worker_summary(h)
+    assert (a["worker"], b["worker"]) == ("a", "b")
+    assert a["longest_row_gap_s"] == pytest.approx(0.1) and b["longest_row_gap_s"] == pytest.approx(1.2)
+    assert a["final_loss"] == pytest.approx(1.0) and b["final_loss"] == pytest.approx(2.0)
+    assert a["samples_per_s"] == pytest.approx(19_000 / 1.9)
 
 
 def test_balance_benchmark_refuses_a_fit_that_lost_a_worker():

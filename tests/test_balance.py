@@ -109,6 +109,18 @@ def test_message_size_is_the_split_nearest_the_optimum():
     assert balancer.message_size == 4_004
 
 
+def test_the_law_never_picks_slices_under_the_floor():
+    # About 0.9 Mbit/s and a 1.3 ms fixed cost: the law's optimum for 64,064
+    # parameters is about 1,100, clipped to the 1,024 floor. The split nearest
+    # it, 64 slices of 1,001, is under the floor: the law takes 2,002.
+    latency, bandwidth, size = 1.3e-3, 116_000.0, 8 * 8_008
+    balancer = Balancer(64_064, 8, 256, comm_interval=65536, message_size=8_008)
+    for i in range(1, 13):
+        balancer.update(Report(elapsed=0.25 * i, samples=10_000, seconds=0.25,
+                               sends=[(size, latency + size / bandwidth), (8, latency)]))
+    assert balancer.message_size == 2_002
+
+
 def test_holds_the_targets_in_steady_state():
     balancer, _ = drive([(30, 1e-3, 12.5e6)])
     s = balancer.settings

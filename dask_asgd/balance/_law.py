@@ -240,7 +240,8 @@ class Balancer:
         if not self.bandwidth:
             if self._unresolved() and self.message_size > self.settings.min_message_size:
                 # Slow sends of one size: is it latency or bandwidth? Half the size tells.
-                return split_size(self.n_params, self.message_size / 2, self.settings.max_levels)
+                return max(split_size(self.n_params, self.message_size / 2, self.settings.max_levels),
+                           self._smallest_split())
             return self.message_size if not self._identified else self.n_params
         s = self.settings
         wanted = math.sqrt(self.n_params * self.latency * self.bandwidth / (2 * s.link_share * self.itemsize))
@@ -252,7 +253,7 @@ class Balancer:
             return self.message_size
         # The age is a/m + c*m, as far above its minimum at k times the optimum
         # as at 1/k of it: the nearest split in log scale, not the next under.
-        return split_size(self.n_params, wanted * math.sqrt(2), s.max_levels)
+        return max(split_size(self.n_params, wanted * math.sqrt(2), s.max_levels), self._smallest_split())
 
     def target_interval(self, message_size: int) -> float | None:
         """The interval the law asks for, before quantisation; none while the
@@ -347,13 +348,20 @@ class Balancer:
         if self.speed and self._slowest > 0:
             room = s.link_share * self.comm_interval / self.speed
             wanted = min(wanted, self.message_size * room / self._slowest)
-        smallest = split_size(self.n_params, s.min_message_size, s.max_levels)
-        if smallest < s.min_message_size:
-            smallest *= 2  # splits round down: 64,064 parameters in 64 give 1,001, under a 1,024 floor
         # The split nearest the wanted size (within sqrt(2)), not the next one
         # under it: 10 Mbit/s took 2,002 for a wanted 3,280, where the law's own
         # optimum was about 3,400 and 4,004 the best fixed slices.
-        return max(split_size(self.n_params, wanted * math.sqrt(2), s.max_levels), min(smallest, self.n_params))
+        return max(split_size(self.n_params, wanted * math.sqrt(2), s.max_levels), self._smallest_split())
+
+    def _smallest_split(self) -> int:
+        """The smallest slice of a power-of-two split at or over ``min_message_size``
+        (the whole state if that is smaller): splits round, and 64,064 parameters
+        in 64 give 1,001, under a 1,024 floor."""
+        s = self.settings
+        smallest = split_size(self.n_params, s.min_message_size, s.max_levels)
+        if smallest < s.min_message_size:
+            smallest *= 2
+        return min(smallest, self.n_params)
 
     def _bytes_bound(self) -> bool:
         """The quickest probe is far quicker than the slowest send: the link's

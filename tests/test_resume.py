@@ -146,6 +146,20 @@ def test_a_connection_reset_while_asking_for_workers_says_the_scheduler_is_lost(
     assert isinstance(raised.value.__cause__, CommClosedError)
 
 
+def test_a_connection_closed_under_the_training_loop_says_the_scheduler_is_lost(client, monkeypatch):
+    # The other race CI met: the scheduler died while the client gathered a
+    # link's result ("ConnectionPool.gather ... Stream is closed"). It cannot be
+    # timed for real, so the gather fails as it did there, in a real fit.
+    from dask_asgd.engine import _chains
+
+    def closed(future, gone):
+        raise CommClosedError("in <TCP (closed) ConnectionPool.gather>: Stream is closed")
+    monkeypatch.setattr(_chains, "fetch_result", closed)
+    with pytest.raises(SchedulerLost, match="resume=True") as raised:
+        KMeans(10, random_state=0, max_epochs=2, tol=None, client=client).fit(_blobs())
+    assert isinstance(raised.value.__cause__, CommClosedError)
+
+
 def test_truncated_checkpoint_is_refused(tmp_path, client):
     X = _blobs()
     KMeans(10, random_state=0, max_epochs=1, checkpoint=tmp_path, client=client).fit(X)

@@ -141,6 +141,11 @@ class ChainKeeper:
                     self._take(future)
                 self._check_membership()
                 self._adopt_orphans()
+        except CommClosedError as e:
+            # The client's connection to the scheduler closed under one of the
+            # loop's calls (seen in CI: a result's gather, the worker poll): the
+            # scheduler is gone, and the links' futures with it.
+            raise SchedulerLost(_scheduler_lost_message(self.client)) from e
         except BaseException:
             self.client.cancel([f for chain in self.chains for f in chain])
             raise

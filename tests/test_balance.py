@@ -56,6 +56,15 @@ def backlogged(balancer, report):
     return balancer.update(report)
 
 
+def steady_link(balancer, latency, bandwidth, message_bytes, reports):
+    """``reports`` reports 0.25 s apart of 10,000 samples each, every one with a
+    state message of ``message_bytes`` and a probe timed by ``latency + bytes /
+    bandwidth``, and no backlog."""
+    for i in range(1, reports + 1):
+        balancer.update(Report(elapsed=0.25 * i, samples=10_000, seconds=0.25,
+                               sends=[(message_bytes, latency + message_bytes / bandwidth), (8, latency)]))
+
+
 def changes_between(trace, start, stop):
     return sum(1 for t, _, _, d in trace if d is not None and start < t <= stop)
 
@@ -101,11 +110,8 @@ def test_message_size_is_the_split_nearest_the_optimum():
     # peers): the law's optimum is sqrt(64,064 x 1.3e-3 x 1.1e6 / (2 x 0.5 x 8))
     # = 3,390 parameters. The age is as far above its minimum at k times the
     # optimum as at 1/k of it, so 4,004 (1.18x), not 2,002 (1/1.69).
-    latency, bandwidth, whole = 1.3e-3, 1.1e6, 8 * 64_064
     balancer = Balancer(64_064, 8, 256, comm_interval=2048, message_size=64_064)
-    for i in range(1, 9):
-        balancer.update(Report(elapsed=0.25 * i, samples=10_000, seconds=0.25,
-                               sends=[(whole, latency + whole / bandwidth), (8, latency)]))
+    steady_link(balancer, latency=1.3e-3, bandwidth=1.1e6, message_bytes=8 * 64_064, reports=8)
     assert balancer.message_size == 4_004
 
 
@@ -113,11 +119,8 @@ def test_the_law_never_picks_slices_under_the_floor():
     # About 0.9 Mbit/s and a 1.3 ms fixed cost: the law's optimum for 64,064
     # parameters is about 1,100, clipped to the 1,024 floor. The split nearest
     # it, 64 slices of 1,001, is under the floor: the law takes 2,002.
-    latency, bandwidth, size = 1.3e-3, 116_000.0, 8 * 8_008
     balancer = Balancer(64_064, 8, 256, comm_interval=65536, message_size=8_008)
-    for i in range(1, 13):
-        balancer.update(Report(elapsed=0.25 * i, samples=10_000, seconds=0.25,
-                               sends=[(size, latency + size / bandwidth), (8, latency)]))
+    steady_link(balancer, latency=1.3e-3, bandwidth=116_000.0, message_bytes=8 * 8_008, reports=12)
     assert balancer.message_size == 2_002
 
 

@@ -27,6 +27,16 @@ def _blobs():
     return X
 
 
+def _start_scheduler(scheduler_file):
+    """A `dask scheduler` process, once it has written ``scheduler_file`` (60 s at most)."""
+    proc = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                             "--port", "0", "--no-dashboard", "--scheduler-file", str(scheduler_file)])
+    deadline = time.time() + 60
+    while not scheduler_file.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    return proc
+
+
 def test_killed_run_resumes_to_the_same_quality(tmp_path, client):
     directory = tmp_path / "ckpt"
     # A fit in its own process (and process group, embedded cluster included),
@@ -67,12 +77,9 @@ def test_scheduler_death_stops_the_fit_at_once_and_resume_reaches_the_same_quali
     # A `dask scheduler` process and two `dask worker` processes; the scheduler
     # is killed (SIGKILL) once the fit has written a checkpoint.
     scheduler_file = tmp_path / "scheduler.json"
-    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                               "--port", "0", "--no-dashboard", "--scheduler-file", str(scheduler_file)])]
+    deadline = time.time() + 60
+    procs = [_start_scheduler(scheduler_file)]
     try:
-        deadline = time.time() + 60
-        while not scheduler_file.exists() and time.time() < deadline:
-            time.sleep(0.1)
         procs += [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
                                     str(scheduler_file), "--nthreads", "1", "--no-dashboard"]) for _ in range(2)]
         X = _blobs()
@@ -114,12 +121,9 @@ def test_asking_a_dead_scheduler_for_its_workers_says_the_scheduler_is_lost(tmp_
     # scheduler that dies shows there first. Killed for real: the client, once it
     # notices, is reconnecting, and is not made to wait out its reconnect timeout.
     scheduler_file = tmp_path / "scheduler.json"
-    scheduler = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                                  "--port", "0", "--no-dashboard", "--scheduler-file", str(scheduler_file)])
+    deadline = time.time() + 60
+    scheduler = _start_scheduler(scheduler_file)
     try:
-        deadline = time.time() + 60
-        while not scheduler_file.exists() and time.time() < deadline:
-            time.sleep(0.1)
         with Client(scheduler_file=str(scheduler_file), timeout=60) as client:
             assert worker_addresses(client) == set()
             scheduler.kill()

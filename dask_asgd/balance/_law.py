@@ -240,8 +240,7 @@ class Balancer:
         if not self.bandwidth:
             if self._unresolved() and self.message_size > self.settings.min_message_size:
                 # Slow sends of one size: is it latency or bandwidth? Half the size tells.
-                return max(split_size(self.n_params, self.message_size / 2, self.settings.max_levels),
-                           self._smallest_split())
+                return self._split(self.message_size / 2)
             return self.message_size if not self._identified else self.n_params
         s = self.settings
         wanted = math.sqrt(self.n_params * self.latency * self.bandwidth / (2 * s.link_share * self.itemsize))
@@ -253,7 +252,7 @@ class Balancer:
             return self.message_size
         # The age is a/m + c*m, as far above its minimum at k times the optimum
         # as at 1/k of it: the nearest split in log scale, not the next under.
-        return max(split_size(self.n_params, wanted * math.sqrt(2), s.max_levels), self._smallest_split())
+        return self._split(wanted * math.sqrt(2))
 
     def target_interval(self, message_size: int) -> float | None:
         """The interval the law asks for, before quantisation; none while the
@@ -351,7 +350,11 @@ class Balancer:
         # The split nearest the wanted size (within sqrt(2)), not the next one
         # under it: 10 Mbit/s took 2,002 for a wanted 3,280, where the law's own
         # optimum was about 3,400 and 4,004 the best fixed slices.
-        return max(split_size(self.n_params, wanted * math.sqrt(2), s.max_levels), self._smallest_split())
+        return self._split(wanted * math.sqrt(2))
+
+    def _split(self, wanted: float) -> int:
+        """``split_size`` of the state, never under the smallest split over the floor."""
+        return max(split_size(self.n_params, wanted, self.settings.max_levels), self._smallest_split())
 
     def _smallest_split(self) -> int:
         """The smallest slice of a power-of-two split at or over ``min_message_size``

@@ -288,6 +288,31 @@ def test_backlog_with_slow_probes_doubles_the_interval():
     assert decision.comm_interval >= 1.9 * interval
 
 
+def test_the_run_size_cap_sets_the_size_and_follow_run_takes_it_at_once():
+    # A quick link: this worker alone would send whole states ...
+    balancer = Balancer(64_064, 8, 256, comm_interval=2048, message_size=64_064)
+    steady_link(balancer, latency=1.5e-3, bandwidth=150e6, message_bytes=8 * 64_064, reports=8)
+    assert balancer.message_size == balancer.wish == 64_064
+    # ... but another worker of the run cut to 4,004: it follows at once (0.25 s
+    # after its own last change, inside min_change_interval) ...
+    balancer.update(Report(elapsed=2.25, samples=10_000, seconds=0.25, sends=[(8, 1.5e-3)]))
+    decision = balancer.follow_run(4_004, 2.3, "the run's size")
+    assert (decision.comm_interval, decision.message_size, decision.reason) == (balancer.comm_interval, 4_004, "the run's size")
+    assert balancer.wish == 64_064  # its own choice is kept, for when the cap lifts
+    # ... and its own law keeps to it while the cap stands, then returns to whole
+    # states when the cap lifts.
+    balancer.run_size_cap = 4_004
+    for i in range(1, 13):
+        balancer.update(Report(elapsed=2.3 + 0.25 * i, samples=10_000, seconds=0.25,
+                               sends=[(8 * 4_004, 1.5e-3 + 8 * 4_004 / 150e6), (8, 1.5e-3)]))
+        assert balancer.message_size == 4_004
+    balancer.run_size_cap = 64_064
+    for i in range(13, 25):
+        balancer.update(Report(elapsed=2.3 + 0.25 * i, samples=10_000, seconds=0.25,
+                               sends=[(8 * 4_004, 1.5e-3 + 8 * 4_004 / 150e6), (8, 1.5e-3)]))
+    assert balancer.message_size == 64_064
+
+
 def test_fixed_knobs_stay_fixed():
     balancer = Balancer(P, 8, 256, comm_interval=4096, message_size=P, tune_interval=False, tune_size=False)
     for i in range(20):
@@ -393,6 +418,51 @@ def test_malformed_report_is_dropped_and_the_worker_stays(client):
     assert client.run_on_scheduler(_monitor_state)["dropped"] == dropped_before + 2
     assert set(client.scheduler_info()["workers"]) == workers_before
     assert client.submit(lambda: 1 + 1, workers=[target]).result() == 2
+
+
+def test_every_worker_of_a_run_sends_the_smallest_size_any_chose(client):
+    """Synthetic reports into the real scheduler's monitor: one worker's link is
+    bytes-bound and cuts the message size; the other's is quick, and it takes the
+    same size at once (mixed sizes between workers slow convergence), and keeps
+    it while the first one needs it."""
+    from dask_asgd.balance._monitor import Monitor
+
+    client.register_plugin(Monitor())
+    slow, quick = sorted(client.scheduler_info()["workers"])
+
+    def feed(dask_scheduler, slow, quick):
+        monitor = dask_scheduler.plugins["dask-asgd-monitor"]
+        n = 64_064
+
+        def report(t, message_size, **timings):
+            return {"run_id": "one-size", "mode": "asgd", "auto_interval": True, "auto_size": True, "n_params": n,
+                    "itemsize": 8, "batch_size": 256, "comm_interval": 2048, "message_size": message_size,
+                    "done": False, "elapsed": t, "samples": int(40_000 * t), "loss": 1.0,
+                    "balance_topic": "one-size-balance", "superseded": 0, "in_flight": 0,
+                    "oldest_in_flight": 0.0, **timings}
+
+        sizes = {}
+        for i in range(1, 9):
+            t = 0.25 * i
+            tracks = monitor.runs["one-size"].workers if "one-size" in monitor.runs else {}
+            size = {w: tracks[w].balancer.message_size if w in tracks else n for w in (slow, quick)}
+            # The quick link: whole states in 5 ms, probes in 1.5 ms.
+            monitor._on_report(worker=quick, report=report(t, size[quick], sends=[[8 * n, 5e-3], [8, 1.5e-3]]))
+            # The slow one: probes in 2 ms, then from 0.75 s whole states queue (backlog).
+            jam = {"superseded": 3, "in_flight": 2, "oldest_in_flight": 0.5} if t >= 0.75 else {}
+            monitor._on_report(worker=slow, report=report(t, size[slow], sends=[[8, 2e-3]], **jam))
+            sizes[t] = {w: monitor.runs["one-size"].workers[w].balancer.message_size for w in (slow, quick)}
+        run = monitor.runs["one-size"]
+        return sizes, {w: list(run.workers[w].adjustments) for w in (slow, quick)}
+
+    sizes, adjustments = client.run_on_scheduler(feed, slow=slow, quick=quick)
+    cut = sizes[2.0][slow]
+    assert cut < 64_064, adjustments[slow]
+    assert any("bytes are the cost" in reason for *_, reason in adjustments[slow])
+    # From the cut on, both workers send the same size; the quick one was told why.
+    first_cut = min(t for t in sizes if sizes[t][slow] < 64_064)
+    assert all(sizes[t][quick] == sizes[t][slow] for t in sizes if t >= first_cut), sizes
+    assert any("smallest any worker" in reason for *_, reason in adjustments[quick]), adjustments[quick]
 
 
 def test_balance_benchmark_summary_arithmetic():

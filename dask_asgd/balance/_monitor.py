@@ -17,7 +17,7 @@ from distributed.protocol import to_serialize
 
 from .. import config
 from ..engine._report import REPORT_OP
-from ._law import BALANCER_SENDER, Balancer, BalancerSettings, Report
+from ._law import BALANCER_SENDER, Balancer, BalancerSettings, Report, run_size_reason
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ class Monitor(SchedulerPlugin):
         if track.balancer is None or previous is None or track.done:
             return
         seconds = float(report["elapsed"]) - float(previous["elapsed"])
+        track.balancer.run_size_cap = _smallest_wish(run, but=worker, default=track.balancer.n_params)
         decision = track.balancer.update(Report(
             elapsed=float(report["elapsed"]),
             samples=int(report["samples"]) - int(previous["samples"]),
@@ -123,10 +124,28 @@ class Monitor(SchedulerPlugin):
             oldest_in_flight=float(report["oldest_in_flight"]),
         ))
         if decision is not None:
-            track.adjustments.append((float(report["elapsed"]), decision.comm_interval, decision.message_size, decision.reason))
-            task = asyncio.ensure_future(self._publish(worker, report["balance_topic"], decision))
-            self._sends.add(task)
-            task.add_done_callback(self._sends.discard)
+            self._adjust(worker, track, decision)
+        self._one_size(run)
+
+    def _one_size(self, run: RunTrack) -> None:
+        """Every worker of the run that balances its message size sends the
+        smallest size any of them chose (see ``Balancer.follow_run``)."""
+        live = {w: t for w, t in run.workers.items() if _sizes_balanced(t)}
+        if not live:
+            return
+        size = min(t.balancer.wish for t in live.values())
+        for worker, track in live.items():
+            track.balancer.run_size_cap = _smallest_wish(run, but=worker, default=track.balancer.n_params)
+            if track.balancer.message_size != size:
+                decision = track.balancer.follow_run(size, float(track.last["elapsed"]), run_size_reason(size))
+                if decision is not None:
+                    self._adjust(worker, track, decision)
+
+    def _adjust(self, worker: str, track: WorkerTrack, decision) -> None:
+        track.adjustments.append((float(track.last["elapsed"]), decision.comm_interval, decision.message_size, decision.reason))
+        task = asyncio.ensure_future(self._publish(worker, track.last["balance_topic"], decision))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
 
     async def _publish(self, worker: str, topic: str, decision) -> None:
         # Onto the worker's channel, balance topic: the same handler peers use.
@@ -149,6 +168,15 @@ class Monitor(SchedulerPlugin):
         data transfers (``Scheduler.bandwidth_workers``), beside the channel's figures."""
         workers = set(self.runs[run_id].workers)
         return {pair: bw for pair, bw in self.scheduler.bandwidth_workers.items() if set(pair) <= workers}
+
+
+def _sizes_balanced(track: WorkerTrack) -> bool:
+    return track.balancer is not None and track.balancer.tune_size and not track.done
+
+
+def _smallest_wish(run: RunTrack, but: str, default: int) -> int:
+    """The smallest message size the run's other live workers chose for themselves."""
+    return min((t.balancer.wish for w, t in run.workers.items() if w != but and _sizes_balanced(t)), default=default)
 
 
 def live_progress(dask_scheduler) -> dict | None:

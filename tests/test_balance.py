@@ -313,6 +313,21 @@ def test_the_run_size_cap_sets_the_size_and_follow_run_takes_it_at_once():
     assert balancer.message_size == 64_064
 
 
+def test_a_follower_s_own_law_moves_its_interval_at_once():
+    # Told the run's size at 0.3 s, a worker still at the start's interval of 2048
+    # samples sets its own interval at its next report, not a second later (its
+    # law's first decision; following the run is not one).
+    balancer = Balancer(64_064, 8, 256, comm_interval=2048, message_size=64_064)
+    balancer.follow_run(8_008, 0.3, "the run's size")
+    balancer.run_size_cap = 8_008
+    latency, bandwidth = 1.3e-3, 12.5e6  # 100 Mbit/s
+    decision = balancer.update(Report(elapsed=0.5, samples=10_000, seconds=0.25,
+                                      sends=[(8 * 8_008, latency + 8 * 8_008 / bandwidth), (8, latency)]))
+    # 40,000 samples/s x 1.3 ms / 5% per-message share: about 1,040 samples.
+    assert decision is not None and decision.message_size == 8_008
+    assert 724 <= decision.comm_interval <= 1448, decision
+
+
 def test_fixed_knobs_stay_fixed():
     balancer = Balancer(P, 8, 256, comm_interval=4096, message_size=P, tune_interval=False, tune_size=False)
     for i in range(20):

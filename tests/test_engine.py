@@ -7,6 +7,7 @@ import time
 from contextlib import contextmanager
 
 import numpy as np
+import pytest
 import sklearn.linear_model
 from sklearn.datasets import make_classification
 
@@ -163,3 +164,37 @@ def test_initial_state_does_not_depend_on_where_the_rows_are(client):
     shards = place(client, X, None, workers)
     other = client.gather(_initial_state(client, model, shards, seed=4))[0]
     assert not np.array_equal(other, states[0])
+
+
+def test_training_keeps_the_allocator_from_mapping_memory_every_step(client):
+    """Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also
+    fixes glibc's mmap threshold at 128 KiB: a step's temporaries of that size or
+    more are then mapped and unmapped, page by page, every step (K-Means with 64
+    centres x 32 features ran at 0.44 instead of 1.2 million samples/s). While a
+    worker trains, the thresholds are raised; afterwards they are the worker's own."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's allocator thresholds: Linux only")
+
+    def page_faults_per_step(raised: bool) -> float:
+        import contextlib
+        import resource
+
+        from dask_asgd.engine._allocator import thresholds_raised
+
+        with thresholds_raised() if raised else contextlib.nullcontext():
+            np.ones(20_000)
+            before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+            for _ in range(200):
+                temporary = np.ones(20_000)  # 160 KB, like a step's distance matrix
+                del temporary
+            return (resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before) / 200
+
+    assert set(client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_")).values()) == {"65536"}
+    worker = sorted(client.scheduler_info()["workers"])[0]
+    faults = [client.submit(page_faults_per_step, raised, workers=[worker], pure=False).result()
+              for raised in (False, True, False)]
+    assert faults[0] >= 20, faults  # 160 KB is 40 pages, mapped anew every step
+    assert faults[1] < 2, faults
+    assert faults[2] >= 20, faults  # the worker's own thresholds are back

@@ -17,6 +17,7 @@ from ..balance._law import BALANCER_SENDER, BalancerSettings
 from ..channel import PayloadSpec, get_channel
 from ..filter import UpdateFilter
 from ..models._base import host_to, to_host
+from ._allocator import thresholds_raised
 from ._report import Reporter
 from ._spec import RunSpec
 
@@ -86,7 +87,8 @@ def train_segment(spec: RunSpec, worker_index: int, X_chunks, y_chunks, init, ev
     if sum(int(c.shape[0]) for c in X_chunks) != run.n_rows:
         run.take_rows_from(X_chunks, y_chunks)  # rows came or went with a worker
     try:
-        run.train(spec.segment_seconds)
+        with thresholds_raised():
+            run.train(spec.segment_seconds)
     except BaseException:
         run.close()
         raise

@@ -4,6 +4,7 @@ N x the same model's single-process loop in plain NumPy at the same batch size."
 from __future__ import annotations
 
 import json
+import multiprocessing
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -65,6 +66,31 @@ def single_process_rate(problem: Problem, X, y, batch_size: int, seconds: float)
     return steps * batch_size / elapsed
 
 
+def _bare_loop(problem: Problem, batch_size: int, seconds: float, barrier, results) -> None:
+    X, y = make_data(problem)
+    barrier.wait()  # all loops start together: none runs alone for part of its time
+    results.put(single_process_rate(problem, X, y, batch_size, seconds))
+
+
+def side_by_side_rate(problem: Problem, batch_size: int, seconds: float, n: int) -> float:
+    """Samples/s of ``n`` bare single-process loops run at once in ``n`` processes,
+    summed: what this machine gives ``n`` copies of the loop with no Dask and no
+    exchange, the ceiling of the cluster's efficiency on it."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_bare_loop, args=(problem, batch_size, seconds, barrier, results), daemon=True)
+             for _ in range(n)]
+    for proc in procs:
+        proc.start()
+    try:
+        return sum(results.get(timeout=seconds + 120) for _ in procs)
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+
+
 def asgd_rate(problem: Problem, X, y, client: Client, batch_size: int, seconds: float, mode: str = "asgd") -> float:
     """Steady-state samples/s of all workers together, read from ``history_``."""
     common = dict(mode=mode, batch_size=batch_size, max_epochs=10_000, max_time=seconds, tol=None, client=client, random_state=0)
@@ -90,7 +116,11 @@ def run(n_workers: int = 2, repeats: int = 3, seconds: float = 6.0, batch_size: 
             X, y = make_data(problem)
             rates: dict[str, list[float]] = {"single": [], "asgd": [], "simuparallel": []}
             ratios: dict[str, list[float]] = {"asgd": [], "simuparallel": []}
+            ceilings: list[float] = []
             for _ in range(repeats):
+                # The machine's own limit: n bare loops at once, beside one alone.
+                alone = single_process_rate(problem, X, y, batch_size, seconds / 2)
+                ceilings.append(side_by_side_rate(problem, batch_size, seconds / 2, n_workers) / (n_workers * alone))
                 for mode in ("asgd", "simuparallel"):
                     # Side by side: the baseline just before and just after each
                     # cluster run, so a noisy neighbour hits both sides alike.
@@ -108,22 +138,27 @@ def run(n_workers: int = 2, repeats: int = 3, seconds: float = 6.0, batch_size: 
                 "efficiency_median": statistics.median(ratios["asgd"]),
                 "efficiency_all": ratios["asgd"],
                 "simuparallel_efficiency_median": statistics.median(ratios["simuparallel"]),
+                "side_by_side_median": statistics.median(ceilings),
+                "side_by_side_all": ceilings,
             })
     return results
 
 
 def format_table(results: list[dict]) -> str:
     lines = [
-        "| problem | workers | batch | 1-process samples/s | asgd samples/s | asgd efficiency | simuparallel efficiency (no exchange) |",
-        "|---|---|---|---|---|---|---|",
+        ("| problem | workers | batch | 1-process samples/s | asgd samples/s | asgd efficiency | "
+         "simuparallel efficiency (no exchange) | bare loops side by side (no Dask) |"),
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['name']} {r['n_samples']}x{r['n_features']} | {r['n_workers']} | {r['batch_size']} | "
             f"{r['single_process_samples_per_s']:,.0f} | {r['asgd_samples_per_s']:,.0f} | "
-            f"{r['efficiency_median']:.2f} | {r['simuparallel_efficiency_median']:.2f} |"
+            f"{r['efficiency_median']:.2f} | {r['simuparallel_efficiency_median']:.2f} | {r['side_by_side_median']:.2f} |"
         )
-    lines.append(f"\nMedians of {results[0]['repeats']} repeats; efficiency = samples/s over {results[0]['n_workers']} x the single-process loop.")
+    n = results[0]["n_workers"]
+    lines.append(f"\nMedians of {results[0]['repeats']} repeats; efficiency = samples/s over {n} x the single-process loop. "
+                 f"Side by side: {n} bare loops in {n} processes at once, over {n} x one alone (the machine's ceiling).")
     return "\n".join(lines)
 
 

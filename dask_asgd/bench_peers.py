@@ -420,7 +420,7 @@ def _efficiency(client, repeats, n_samples, seconds, shapes, log) -> list[dict]:
         n_features, classes = shapes.get(kind, default)
         problem = bench_engine.Problem(kind, n_samples, n_features, classes)
         X, y = bench_engine.make_data(problem)
-        ratios, singles, rates = [], [], []
+        ratios, singles, rates, ceilings = [], [], [], []
         for _ in range(repeats):
             # The baseline just before and after the cluster run, as bench_engine does.
             before = bench_engine.single_process_rate(problem, X, y, 256, seconds / 2)
@@ -429,7 +429,10 @@ def _efficiency(client, repeats, n_samples, seconds, shapes, log) -> list[dict]:
             singles.append((before + after) / 2)
             rates.append(rate)
             ratios.append(rate / (n_workers * singles[-1]))
-        log(f"efficiency {kind}: {[round(r, 2) for r in ratios]}")
+            # What the machine gives n bare loops at once (no Dask): the ceiling.
+            side = bench_engine.side_by_side_rate(problem, 256, seconds / 2, n_workers)
+            ceilings.append(side / (n_workers * singles[-1]))
+        log(f"efficiency {kind}: {[round(r, 2) for r in ratios]}; bare loops side by side: {[round(c, 2) for c in ceilings]}")
         records.append({
             "problem": f"efficiency-{kind}", "kind": kind, "data": "bench_engine.make_data", "n_samples": n_samples,
             "n_features": n_features, "n_classes": classes, "method": "asgd", "regime": "local", "status": "ok", "reason": None,
@@ -437,6 +440,7 @@ def _efficiency(client, repeats, n_samples, seconds, shapes, log) -> list[dict]:
             "time_to_target_s": None, "final_metric": statistics.median(ratios), "final_metric_all": ratios,
             "repeats": repeats, "single_process_samples_per_s": statistics.median(singles),
             "asgd_samples_per_s": statistics.median(rates), "n_workers": n_workers,
+            "side_by_side": statistics.median(ceilings), "side_by_side_all": ceilings,
         })
     return records
 

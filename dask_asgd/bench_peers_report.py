@@ -38,12 +38,17 @@ def format_table(records: list[dict]) -> str:
         )
     eff = [r for r in records if r["problem"].startswith("efficiency")]
     if eff:
-        lines += ["", "| parallel efficiency | workers | 1-process samples/s | asgd samples/s | efficiency (median) | repeats |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", ("| parallel efficiency | workers | 1-process samples/s | asgd samples/s | efficiency (median) | "
+                      "bare loops side by side (no Dask) | repeats |"),
+                  "|---|---|---|---|---|---|---|"]
         for r in eff:
             lines.append(f"| {r['kind']} {r['n_samples']:,}x{r['n_features']} | {r['n_workers']} | "
                          f"{r['single_process_samples_per_s']:,.0f} | {r['asgd_samples_per_s']:,.0f} | "
-                         f"{r['final_metric']:.2f} ({', '.join(f'{v:.2f}' for v in r['final_metric_all'])}) | {r['repeats']} |")
+                         f"{r['final_metric']:.2f} ({', '.join(f'{v:.2f}' for v in r['final_metric_all'])}) | "
+                         f"{r['side_by_side']:.2f} | {r['repeats']} |")
+        lines.append(f"Side by side: {eff[0]['n_workers']} bare single-process loops run at once in "
+                     f"{eff[0]['n_workers']} processes, over {eff[0]['n_workers']} x one alone: "
+                     "what the machine itself allows.")
     sizes = sorted({(r["problem"], r["n_samples"], r["n_features"], r["n_classes"]) for r in records
                     if not r["problem"].startswith("efficiency")})
     lines += ["", "Problems: " + "; ".join(f"{p} {n:,} x {f}, {c} {'clusters' if p.startswith('kmeans') else 'classes'}"

@@ -63,6 +63,8 @@ def test_tiny_suite_measures_what_it_claims(tiny):
     assert info["setup_s"] > 0 and info["samples"] > 0
     for r in (r for r in records if r["problem"].startswith("efficiency")):
         assert 0 < r["final_metric"] < 5
+        # Bare loops side by side: the sum of n processes' rates over n x one alone.
+        assert 0 < r["side_by_side"] < 1.5 and len(r["side_by_side_all"]) == r["repeats"]
 
 
 def test_slow_network_runs_as_root_or_is_skipped_with_the_reason(tiny):

@@ -59,13 +59,15 @@ def join_samples(samples):
 def initial_state(model, samples, seed: int):
     """The one initial ``(params, aux)`` every worker starts from."""
     X, y = join_samples(samples)
-    return model.init_params(X, y, np.random.default_rng(seed))
+    with thresholds_raised():  # K-Means seeding on 20,000 x 32 rows, k=64: 1.5 s instead of 2.3 s
+        return model.init_params(X, y, np.random.default_rng(seed))
 
 
 def best_state(model, samples, candidates):
     """The candidate initial state with the lowest loss on the samples."""
     X, y = join_samples(samples)
-    return min(candidates, key=lambda state: model.loss(state[0], X, y))
+    with thresholds_raised():
+        return min(candidates, key=lambda state: model.loss(state[0], X, y))
 
 
 def train_segment(spec: RunSpec, worker_index: int, X_chunks, y_chunks, init, evaluation, previous) -> dict:

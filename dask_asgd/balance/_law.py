@@ -250,12 +250,6 @@ class Balancer:
             return self.message_size
         return min(self._law_message_size(), self._size_cap)
 
-    def target_message_size(self) -> int:
-        """The size to send: this worker's own, or a smaller one another worker of the run chose."""
-        if not self.tune_size:
-            return self.message_size
-        return min(self.own_message_size(), self.run_size_cap)
-
     def follow_run(self, message_size: int, elapsed: float, why: str) -> Decision | None:
         """Take the run's message size at once (no wait for ``min_change_interval``):
         mixed sizes between workers slow convergence (see the module's docstring)."""
@@ -321,6 +315,7 @@ class Balancer:
         if self._size_cap < self.n_params and now - self._quiet_since >= self.settings.relax_seconds:
             self._size_cap = split_size(self.n_params, 2 * self._size_cap, self.settings.max_levels)
             self._quiet_since = now
+        # The size to send: this worker's own, or a smaller one another worker of the run chose.
         own = self.own_message_size()
         size = min(own, self.run_size_cap) if self.tune_size else own
         backlogged = now >= self._draining_until and (report.superseded > 0 or (

@@ -113,6 +113,7 @@ class Monitor(SchedulerPlugin):
         if track.balancer is None or previous is None or track.done:
             return
         seconds = float(report["elapsed"]) - float(previous["elapsed"])
+        # Read by the law in this update only: the others' choices as they stand now.
         track.balancer.run_size_cap = _smallest_wish(run, but=worker, default=track.balancer.n_params)
         decision = track.balancer.update(Report(
             elapsed=float(report["elapsed"]),
@@ -135,7 +136,6 @@ class Monitor(SchedulerPlugin):
             return
         size = min(t.balancer.wish for t in live.values())
         for worker, track in live.items():
-            track.balancer.run_size_cap = _smallest_wish(run, but=worker, default=track.balancer.n_params)
             if track.balancer.message_size != size:
                 decision = track.balancer.follow_run(size, float(track.last["elapsed"]), run_size_reason(size))
                 if decision is not None:

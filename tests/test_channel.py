@@ -430,6 +430,34 @@ def test_sends_in_flight_are_bounded():
         assert {k: (m["i"], p[0]) for _, k, p, m in taken} == {k: (i, float(i)) for k, i in last.items()}
 
 
+def _publish_then_withdraw(topic, peer, size):
+    """Task: one large message on the wire, three more waiting behind it, those
+    three withdrawn, then one more."""
+    channel = get_channel()
+    channel.publish(topic, peer, np.zeros(size), key=0)
+    for key in (1, 2, 3):
+        channel.publish(topic, peer, np.full(size // 1000, float(key)), key=key)
+    channel.withdraw(topic)
+    channel.publish(topic, peer, np.full(size // 1000, 4.0), key=4)
+
+
+def test_withdrawn_messages_are_not_sent():
+    topic, size = "t3b/updates", 4_000_000  # 32 MB: on the wire while the rest queue
+    with dask.config.set({"asgd.channel.max-in-flight-per-peer": 1}):
+        lc = _cluster(2)
+    with lc, Client(lc) as client:
+        client.wait_for_workers(2)
+        client.register_plugin(Channel())
+        a, b = sorted(client.scheduler_info()["workers"])
+        _on(client, b, _subscribe, topic, "float64", {0: (size,), **{k: (size // 1000,) for k in (1, 2, 3, 4)}})
+        client.submit(_publish_then_withdraw, topic, b, size, workers=[a], pure=False).result()
+        stats = _until_on(client, a, _link_stats, b, ready=lambda s: s["in_flight"] == 0 and s["sent"] >= 2,
+                          timeout=30, what="the sends to settle")
+        assert stats["waiting"] == 0 and stats["superseded"] == 0 and stats["failed"] == 0
+        assert stats["sent"] == 2  # the first (already on the wire) and the one published after
+        assert sorted(k for _, k, _, _ in _on(client, b, _take, topic)) == [0, 4]
+
+
 # ----------------------------------------------------------------------------------------
 # 4. Malformed payloads are dropped and counted; the worker stays healthy
 # ----------------------------------------------------------------------------------------

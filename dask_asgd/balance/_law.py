@@ -5,14 +5,16 @@ no Dask: the monitor feeds it, tests drive it with synthetic traces.
 The law (our own design; the papers' is not published in usable form):
 
 * Estimate the fixed cost of a message L (latency: round trip, both event
-  loops) as the quickest one-number probe of the last seconds (queueing behind
-  state messages only ever adds to a probe's time), and the link's bandwidth B
-  from the state messages' bytes over their time beyond L. Without probes, fit
-  ``seconds = L + bytes / B`` by least squares when message sizes vary, else
-  take the smallest send time and the mean throughput. Smooth B (and a fitted
-  L), and the compute speed v (samples/s), with an exponential moving average
-  (half-life ``smoothing``). With two sends in flight a state message's time
-  includes some wait behind the other, so B errs low: the interval errs long.
+  loops) as the quickest one-number probe of the last 30 s (queueing behind
+  state messages only ever adds to a probe's time), at most twice the quickest
+  probe of the run's other workers (``run_latency``: the same round trip timed
+  from the other end, and a worker that started late timed its first probes
+  behind its peer's whole states). The link's bandwidth B: per report, the
+  state message that waited least, its bytes over its time beyond L (at most
+  half its time taken for L). Without probes, fit ``seconds = L + bytes / B``
+  by least squares when message sizes vary, else take the smallest send time
+  and the mean throughput. Smooth B (and a fitted L), and the compute speed v
+  (samples/s), with an exponential moving average (half-life ``smoothing``).
 * Message size: a worker's view of a peer's state is, on average, half a full
   refresh plus one message old. Sending slices of m parameters (itemsize s) with
   the link busy a share u, a full refresh takes ``P/m * (L + m*s/B) / u`` and a
@@ -30,11 +32,17 @@ The law (our own design; the papers' is not published in usable form):
   mixed them whenever two workers' estimates differed (at 100 Mbit/s: 8,008
   beside 16,016).
 * Interval: every message costs its fixed part L (mostly CPU on both workers'
-  event loops) and keeps the link busy ``t = L + m * itemsize / B``. Sending
+  event loops) and keeps the link busy ``t = L + m * itemsize / B``, or, for
+  the size being sent, t as timed: the quickest of its last 16 sends (once 4
+  came after any drain), which needs no split of the time into L and B. Sending
   every b samples at v samples/s costs a share ``v * L / b`` of the time in
   per-message work and keeps the link busy a share ``v * t / b``. b is the
   smallest interval that holds the first at ``cpu_share`` and the second at
-  ``link_share``: ``b = v * max(L / cpu_share, t / link_share)``.
+  ``link_share``: ``b = v * max(L / cpu_share, t / link_share)``. Measured:
+  keeping the link nearly full pays (logistic regression at 10 Mbit/s, 1/32
+  slices: b=1024, the link full, reached the target in 4.5 s, the median of
+  27 runs; b=2048 in 5.3 and 6.1 s), hence 0.8 and 10%, not the first 0.5
+  and 5%.
 * Probing: with all sends of one size, latency and bandwidth cannot be told
   apart. When such sends take long (over ``probe_seconds``), the message size is
   halved once, and the two sizes separate them.
@@ -45,16 +53,21 @@ The law (our own design; the papers' is not published in usable form):
   size falls at once, b stays, and the new size caps the law's size until
   ``relax_seconds`` pass without backlog (then the cap doubles, and so on).
   The size falls to at most half, and to the split nearest what the link
-  carried in the slowest send scaled to ``link_share`` of one interval.
+  carried in the slowest send scaled to one interval.
   Otherwise (or at the smallest size) b doubles at once. Neither while larger
-  messages sent before a cut in the message size still drain. (Doubling b on a
+  messages sent before a cut in the message size still drain: until a report
+  shows sends of the new size only and nothing on the wire for long (or a
+  deadline passes); the worker withdraws the old split's messages still
+  waiting. (Doubling b on a
   bandwidth-bound link first, as this law did before, spent the first 2-3 s of
   a 10 Mbit/s run at ever longer intervals of whole states, while 1/16 slices
   every 2048 samples were the best fixed setting.)
 * No oscillation: b changes only when the law's target moves outside a dead
   band around the current value (``deadband``, a ratio wider than one step),
-  then to the target quantised to powers of sqrt(2) times the batch size, and
-  at most every ``min_change_interval`` seconds, except for backlog.
+  or the link cannot carry the sends at all (a link share over one), then to
+  the target quantised to powers of sqrt(2) times the batch size, at most 4x
+  up at a time, and at most every ``min_change_interval`` seconds, except for
+  backlog.
 """
 
 from __future__ import annotations
@@ -66,8 +79,8 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class BalancerSettings:
-    cpu_share: float = 0.05
-    link_share: float = 0.5
+    cpu_share: float = 0.1
+    link_share: float = 0.8
     probe_seconds: float = 0.02
     window: int = 64
     window_seconds: float = 10.0
@@ -103,6 +116,19 @@ class Decision:
 
 # Sends smaller than this (latency probes) carry no information on bandwidth.
 PAYLOAD_BYTES = 1024
+# Sends of the current size it takes to trust their own times over latency and bandwidth.
+TIMED_SENDS = 4
+# A worker's latency is at most this factor over the quickest probe of any
+# worker of its run (workers differ a little; queues differ a lot).
+LATENCY_SPREAD = 2.0
+# Seconds beyond the estimated time of the larger messages on the wire that
+# a drain may last without a report showing it over.
+DRAIN_SLACK = 1.0
+# Probes are remembered this many times the sends' window.
+LATENCY_MEMORY = 3
+# Without backlog, b grows at most this factor per change: a blip in the
+# estimates costs a step, not a run (b went from 2048 to 65536 on one).
+MAX_GROWTH = 4
 # The sender name under which the scheduler's monitor sends each worker its settings.
 BALANCER_SENDER = "scheduler"
 
@@ -146,11 +172,17 @@ class Balancer:
         self.changes = 0
         self._last_change = -math.inf
         self._sends: deque[tuple[float, int, float]] = deque(maxlen=self.settings.window)
-        self._small: deque[tuple[float, float]] = deque(maxlen=self.settings.window)  # (elapsed, seconds) of probes
+        self._small: deque[tuple[float, float]] = deque(maxlen=LATENCY_MEMORY * self.settings.window)  # (elapsed, seconds) of probes
         self.fixed_cost: float | None = None
         self._identified = False  # latency told apart from bandwidth (two sizes seen)
         self._slowest = 0.0  # longest a send took or has been going, in the last report
-        self._draining_until = -math.inf  # larger messages on the wire until then: no backlog rule
+        # After a cut in the message size, larger messages still on the wire:
+        # the new size's bytes until a report shows only sends of it (or the
+        # deadline passes); no backlog rule, no timing of the new size till then.
+        self._drain_bytes: int | None = None
+        self._draining_until = -math.inf
+        self._drained_at = -math.inf
+        self._now = -math.inf  # elapsed time of the report being taken
         self._in_flight = 0
         self._size_cap = n_params  # lowered by backlog on a bytes-bound link; relaxes in quiet
         # One message size for the whole run: this worker's own choice (``wish``)
@@ -158,6 +190,8 @@ class Balancer:
         # the monitor). The worker sends the smaller of the two.
         self.wish = message_size
         self.run_size_cap = n_params
+        # The quickest probe of the run's other workers (set by the monitor).
+        self.run_latency: float | None = None
         self._quiet_since = 0.0  # elapsed time of the last backlog, or of the last relaxation
         self._backlog_reports = 0  # reports in a row that showed backlog
 
@@ -182,9 +216,19 @@ class Balancer:
         # A message's fixed cost, without waiting in a queue on the link: the
         # quickest probe of the window (a queue only ever adds to it).
         self._small.extend((now, s) for b, s in sends if b < PAYLOAD_BYTES)
-        while self._small and self._small[0][0] < now - self.settings.window_seconds:
+        # A longer memory than for sends: the fixed cost hardly changes, and on
+        # a busy link few probes find it idle (at 10 Mbit/s, probes queued
+        # behind state messages read 17-50 ms for a 1 ms cost, and the
+        # per-message cost rule set b to 65536).
+        while self._small and self._small[0][0] < now - LATENCY_MEMORY * self.settings.window_seconds:
             self._small.popleft()
         self.fixed_cost = min(s for _, s in self._small) if self._small else None
+        if self.fixed_cost is not None and self.run_latency is not None:
+            # A probe and its reply cross both directions of the path, the
+            # peers' probes too, and queue behind whichever state messages go
+            # then: a worker that started later than its peer timed its first
+            # probes behind the peer's whole states (50 ms for 1 ms).
+            self.fixed_cost = min(self.fixed_cost, LATENCY_SPREAD * self.run_latency)
         if not sends:
             return
         if self.fixed_cost is not None:
@@ -224,21 +268,67 @@ class Balancer:
         carrying = [(b, s) for b, s in sends if b >= PAYLOAD_BYTES]
         if not carrying:
             return False  # probes alone say nothing of bandwidth: keep what we know
-        mean_bytes = sum(b for b, _ in carrying) / len(carrying)
-        payload = sum(s for _, s in carrying) / len(carrying) - self.latency
         # Payload time lost in the latency's noise: the link is latency-bound.
-        self.bandwidth = None if payload < 0.2 * self.latency else self._smooth(self.bandwidth, mean_bytes / payload, seconds)
+        if min(s for _, s in carrying) - self.latency < 0.2 * self.latency:
+            self.bandwidth = None
+            return True
+        # The send that waited least: queueing only slows a send. At most half
+        # a send's time is taken for latency: a latency read from probes that
+        # queued too left 16 KB sends at 10 Mbit/s 1 ms of payload, and the
+        # estimate at 2,000 Mbit/s.
+        rate = max(b / max(s - self.latency, s / 2) for b, s in carrying)
+        self.bandwidth = self._smooth(self.bandwidth, rate, seconds)
         return True
 
     # -- the law ---------------------------------------------------------------------------
     def message_time(self, message_size: int) -> float:
+        """Seconds one message keeps the link busy: as timed, for the size being
+        sent now, else from latency and bandwidth."""
+        timed = self._timed(message_size)
+        if timed is not None:
+            return timed
         latency = self.latency or 0.0
         payload = 0.0 if not self.bandwidth else message_size * self.itemsize / self.bandwidth
         return latency + payload
 
+    def _timed(self, message_size: int) -> float | None:
+        """The quickest of this size's recent sends since it is sent alone
+        (larger ones drained), if there are enough. Measured directly, a send's
+        time needs no split into latency and bandwidth: the split errs where
+        probes wait behind state messages (a probe at 13 ms against 1 ms made
+        16 KB sends at 10 Mbit/s read as 877 Mbit/s, and the interval fell
+        to a third of what the link carries). The quickest: sends that overlap
+        another one wait for it, so a typical send's time grows as the link
+        fills, and with it the interval the law asks for; b swung between
+        1024 and 2048 every second at 10 Mbit/s with the lower quartile."""
+        if message_size != self.message_size or self._drain_bytes is not None:
+            return None
+        nbytes = message_size * self.itemsize
+        times = [s for t, b, s in self._sends if t > self._drained_at and abs(b - nbytes) <= 0.1 * nbytes]
+        recent = times[-4 * TIMED_SENDS:]  # the newest: a drop in bandwidth shows within a few sends
+        return min(recent) if len(recent) >= TIMED_SENDS else None
+
     def _one_size(self) -> bool:
         sizes = [b for _, b, _ in self._sends]
         return not sizes or max(sizes) < 2 * min(sizes)
+
+    def _draining(self) -> bool:
+        return self._drain_bytes is not None and self._now < self._draining_until
+
+    def _watch_drain(self, sends: list[tuple[int, float]], oldest_in_flight: float) -> None:
+        """The drain is over once a report's sends are all of the new size (the
+        larger ones went first) and nothing on the wire has been going much
+        longer than they took (a larger one may still be going on the other
+        connection: b doubled at 10 Mbit/s for a whole state 1.4 s on the
+        wire), or at its deadline."""
+        if self._drain_bytes is None:
+            return
+        new = [s for b, s in sends if PAYLOAD_BYTES <= b <= 1.1 * self._drain_bytes]
+        larger = [b for b, _ in sends if b > 1.1 * self._drain_bytes]
+        quiet = bool(new) and not larger and oldest_in_flight <= 4 * max(new) + 0.05
+        if quiet or self._now >= self._draining_until:
+            self._drain_bytes = None
+            self._drained_at = self._now
 
     def _unresolved(self) -> bool:
         """Sends are slow (finished or still going), and one size cannot say why."""
@@ -266,7 +356,9 @@ class Balancer:
 
     def _law_message_size(self) -> int:
         if not self.bandwidth:
-            if self._unresolved() and self.message_size > self.settings.min_message_size:
+            # Not while larger messages drain: their time is not this size's
+            # (a follower of a backlog cut halved the cut size again at once).
+            if self._unresolved() and self.message_size > self.settings.min_message_size and not self._draining():
                 # Slow sends of one size: is it latency or bandwidth? Half the size tells.
                 return self._split(self.message_size / 2)
             return self.message_size if not self._identified else self.n_params
@@ -312,13 +404,16 @@ class Balancer:
         now = report.elapsed if _valid(report.elapsed) else None
         if now is None:
             return None
+        self._now = now
+        self._watch_drain([(b, s) for b, s in report.sends if _valid(b) and _valid(s) and s > 0],
+                          report.oldest_in_flight if _valid(report.oldest_in_flight) else 0.0)
         if self._size_cap < self.n_params and now - self._quiet_since >= self.settings.relax_seconds:
             self._size_cap = split_size(self.n_params, 2 * self._size_cap, self.settings.max_levels)
             self._quiet_since = now
         # The size to send: this worker's own, or a smaller one another worker of the run chose.
         own = self.own_message_size()
         size = min(own, self.run_size_cap) if self.tune_size else own
-        backlogged = now >= self._draining_until and (report.superseded > 0 or (
+        backlogged = not self._draining() and (report.superseded > 0 or (
             self.latency is not None and report.in_flight > 0
             and _valid(report.oldest_in_flight) and report.oldest_in_flight > 4 * self.message_time(self.message_size) + 0.05
         ))
@@ -362,9 +457,16 @@ class Balancer:
         # The dead band (wider than one sqrt(2) step) is applied before
         # quantising: noise around a step boundary moves nothing.
         outside = max(wanted / self.comm_interval, self.comm_interval / wanted) > self.settings.deadband
-        if not outside and size == self.message_size:
+        # Except where the link cannot carry the sends at all: a link share
+        # over one is backlog building, whatever the dead band allows.
+        overfull = wanted > self.comm_interval and self.speed * self.message_time(size) > self.comm_interval
+        if not (outside or overfull) and size == self.message_size:
             return None
-        interval = self._quantise(wanted) if outside else self.comm_interval
+        interval = self.comm_interval
+        if outside or overfull:
+            interval = self._quantise(min(wanted, MAX_GROWTH * self.comm_interval))
+        if overfull:
+            interval = max(interval, self._quantise(self.comm_interval * math.sqrt(2)))
         bandwidth = f"{self.bandwidth * 8 / 1e6:.1f} Mbit/s" if self.bandwidth else "not limiting"
         why = (f"latency {self.latency * 1e3:.2f} ms, bandwidth {bandwidth}, {self.speed:,.0f} samples/s: "
                f"per-message cost {100 * self.speed * self.latency / interval:.0f}% of the time, "
@@ -375,13 +477,14 @@ class Balancer:
 
     def _backlog_size(self) -> int:
         """At most half the message size; less, to the split nearest what the
-        link carried in the slowest send scaled to the link's share of one
-        interval (queueing in that send makes it err small, and the cap relaxes
-        in quiet)."""
-        s = self.settings
+        link carried in the slowest send scaled to one interval. Not to the
+        link's share of one interval: the slowest send waited in a queue too,
+        so the rate it shows errs low already (with the share as well, 10
+        Mbit/s got 1/32 slices where 1/16 were the best fixed setting, and the
+        cap held them there for the whole run)."""
         wanted = self.message_size / 2
         if self.speed and self._slowest > 0:
-            room = s.link_share * self.comm_interval / self.speed
+            room = self.comm_interval / self.speed
             wanted = min(wanted, self.message_size * room / self._slowest)
         # The split nearest the wanted size (within sqrt(2)), not the next one
         # under it: 10 Mbit/s took 2,002 for a wanted 3,280, where the law's own
@@ -411,7 +514,8 @@ class Balancer:
         if interval == self.comm_interval and size == self.message_size:
             return None
         if size > self.message_size:
-            self._draining_until = -math.inf
+            self._drain_bytes = None
+            self._drained_at = now
         elif size < self.message_size:
             # Smaller messages from now on, but the larger ones already on the
             # wire still have to drain: their wait says nothing of the new size.
@@ -419,8 +523,12 @@ class Balancer:
             # drained, after the law had already picked 4000-parameter slices.
             # Before a bandwidth estimate, the slowest send so far stands in for
             # the time of one of the larger messages.
+            # (An estimate of the drain's time ended it too early: a second
+            # backlog cut halved the size again at 10 Mbit/s. Now the deadline
+            # only guards against a report that never comes.)
             per_message = max(self.message_time(self.message_size), self._slowest)
-            self._draining_until = now + self._in_flight * per_message
+            self._drain_bytes = size * self.itemsize
+            self._draining_until = now + max(self._in_flight, 2) * per_message + DRAIN_SLACK
         self.comm_interval, self.message_size = interval, size
         self._last_change = now
         self.changes += 1

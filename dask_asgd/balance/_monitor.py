@@ -115,6 +115,7 @@ class Monitor(SchedulerPlugin):
         seconds = float(report["elapsed"]) - float(previous["elapsed"])
         # Read by the law in this update only: the others' choices as they stand now.
         track.balancer.run_size_cap = _smallest_wish(run, but=worker, default=track.balancer.n_params)
+        track.balancer.run_latency = _quickest_probe(run, but=worker)
         decision = track.balancer.update(Report(
             elapsed=float(report["elapsed"]),
             samples=int(report["samples"]) - int(previous["samples"]),
@@ -177,6 +178,13 @@ def _sizes_balanced(track: WorkerTrack) -> bool:
 def _smallest_wish(run: RunTrack, but: str, default: int) -> int:
     """The smallest message size the run's other live workers chose for themselves."""
     return min((t.balancer.wish for w, t in run.workers.items() if w != but and _sizes_balanced(t)), default=default)
+
+
+def _quickest_probe(run: RunTrack, but: str) -> float | None:
+    """The quickest latency probe the run's other live workers timed, if any."""
+    probes = [t.balancer.fixed_cost for w, t in run.workers.items()
+              if w != but and t.balancer is not None and not t.done and t.balancer.fixed_cost is not None]
+    return min(probes, default=None)
 
 
 def live_progress(dask_scheduler) -> dict | None:

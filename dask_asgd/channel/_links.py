@@ -113,6 +113,15 @@ class PeerLink:
         still go out: a peer may be waiting for the last one (a sync barrier)."""
         self.topics.pop(topic, None)
 
+    def withdraw(self, topic: str) -> int:
+        """Drop ``topic``'s messages still waiting to be sent; returns how many.
+        For a sender whose messages of that topic go stale at once (split
+        differently from now on), which newer ones would never supersede."""
+        stale = [slot for slot in self._waiting if slot[0] == topic]
+        for slot in stale:
+            del self._waiting[slot]
+        return len(stale)
+
     @property
     def waiting(self) -> int:
         return len(self._waiting)

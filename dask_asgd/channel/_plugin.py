@@ -84,6 +84,16 @@ class Channel(WorkerPlugin):
         for link in self.links.values():
             link.forget(topic)
 
+    def withdraw(self, topic: str) -> None:
+        """Drop this worker's messages on ``topic`` that still wait to be sent,
+        to every peer (those on the wire go on). Safe to call from any thread;
+        messages published after the call are kept."""
+        self.worker.loop.add_callback(self._withdraw, topic)
+
+    def _withdraw(self, topic: str) -> None:
+        for link in self.links.values():
+            link.withdraw(topic)
+
     def counts(self, topic: str) -> SendCounts:
         """What became of this worker's sends on ``topic``, over all peers."""
         total = SendCounts()

@@ -359,8 +359,12 @@ class WorkerRun:
         # Within what the balancer itself would ever choose.
         if self.spec.auto_interval and interval > 0:
             self.comm_interval = min(max(interval, self.spec.batch_size), MAX_INTERVAL)
-        if self.spec.auto_size and size > 0:
+        if self.spec.auto_size and size > 0 and self.spec.level(size) != self.level:
             self.level = self.spec.level(size)
+            # Messages of the old split still waiting would go out later,
+            # stale, and hold the link: at 10 Mbit/s a whole state left waiting
+            # when the balancer cut the size for backlog takes it for 0.4 s.
+            self.channel.withdraw(self.spec.topic)
         self.adjustments.append({
             "elapsed": time.time() - self.spec.t0,
             "comm_interval": self.comm_interval,
@@ -378,10 +382,16 @@ class WorkerRun:
             return
         # The first few go at every history row: the balancer can tell latency
         # from bandwidth once it has timed a few probes and a state message.
-        self.probes_sent += 1
         starting = self.probes_sent < STARTING_PROBES
-        self._probe_due = now + (0.0 if starting else self.spec.probe_interval)
         peer = peers[int(self.peer_rng.integers(len(peers)))]
+        link = self.channel.link(peer)
+        if starting and link is not None and link.in_flight > 0:
+            # The first probes set the latency the balancer starts from: not
+            # behind our own state messages (at 10 Mbit/s the first whole
+            # states take 0.4 s each). Tried again at the next history row.
+            return
+        self.probes_sent += 1
+        self._probe_due = now + (0.0 if starting else self.spec.probe_interval)
         self.channel.publish(self.spec.probe_topic, peer, PROBE_PAYLOAD, key=0)
 
     def _sync_exchange(self) -> None:

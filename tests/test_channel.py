@@ -10,6 +10,7 @@ because ``key=`` is ``client.submit``'s own argument (the task's key).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
@@ -384,9 +385,9 @@ def test_mailbox_keeps_newest_per_key(cluster):
 # 3. Bound on sends in flight
 # ----------------------------------------------------------------------------------------
 @pytest.mark.timeout(120)
-def test_sends_in_flight_are_bounded():
-    n, keys, size = 40, [0, 1], 1_000_000  # 8 MB per message
-    topic = "t3/updates"
+@contextlib.contextmanager
+def _pair_sending_one_at_a_time():
+    """(client, a, b): two workers with the channel, one send in flight per peer."""
     # Nanny hands the client's dask.config to the workers; an env= override would be
     # overwritten by it (the client has already loaded the asgd defaults).
     with dask.config.set({"asgd.channel.max-in-flight-per-peer": 1}):
@@ -395,6 +396,13 @@ def test_sends_in_flight_are_bounded():
         client.wait_for_workers(2)
         client.register_plugin(Channel())
         a, b = sorted(client.scheduler_info()["workers"])
+        yield client, a, b
+
+
+def test_sends_in_flight_are_bounded():
+    n, keys, size = 40, [0, 1], 1_000_000  # 8 MB per message
+    topic = "t3/updates"
+    with _pair_sending_one_at_a_time() as (client, a, b):
         _on(client, b, _subscribe, topic, "float64", {k: (size,) for k in keys})
         _on(client, a, _start_sampler, b)
 
@@ -443,12 +451,7 @@ def _publish_then_withdraw(topic, peer, size):
 
 def test_withdrawn_messages_are_not_sent():
     topic, size = "t3b/updates", 4_000_000  # 32 MB: on the wire while the rest queue
-    with dask.config.set({"asgd.channel.max-in-flight-per-peer": 1}):
-        lc = _cluster(2)
-    with lc, Client(lc) as client:
-        client.wait_for_workers(2)
-        client.register_plugin(Channel())
-        a, b = sorted(client.scheduler_info()["workers"])
+    with _pair_sending_one_at_a_time() as (client, a, b):
         _on(client, b, _subscribe, topic, "float64", {0: (size,), **{k: (size // 1000,) for k in (1, 2, 3, 4)}})
         client.submit(_publish_then_withdraw, topic, b, size, workers=[a], pure=False).result()
         stats = _until_on(client, a, _link_stats, b, ready=lambda s: s["in_flight"] == 0 and s["sent"] >= 2,

@@ -119,26 +119,18 @@ def _trained(cluster, client, make, X, y, setting: Setting, regime, budget: floa
     """``_run_one`` with every worker training the whole fit; once more if the
     emulated cluster lost a worker (it lost both in one fit of whole states at
     5 Mbit/s, the 77th fit of that run), so one such fit does not cost the benchmark."""
-    try:
-        h = _run_one(cluster, client, make, X, y, setting, regime, budget)
-        _check_all_workers_trained(h, N_WORKERS, run)
-        return h
-    except (AllWorkersLost, WorkerLeft) as e:
-        print(f"{run}: {e}; waiting for the workers to run it once more", flush=True)
-        _print_worker_logs(cluster)
-    client.wait_for_workers(N_WORKERS, timeout=120)
-    h = _run_one(cluster, client, make, X, y, setting, regime, budget)
-    _check_all_workers_trained(h, N_WORKERS, run)
-    return h
-
-
-def _print_worker_logs(cluster) -> None:
-    """The end of each process's log: why a worker left is there, and the
-    emulated cluster deletes its logs when it closes."""
-    workdir = Path(cluster._workdir or ".")
-    for log in sorted(workdir.glob("*.log")):
-        lines = log.read_text(errors="replace").splitlines()[-15:]
-        print(f"--- {log.name} (last lines)", *lines, sep="\n", flush=True)
+    for attempt in (1, 2):
+        try:
+            h = _run_one(cluster, client, make, X, y, setting, regime, budget)
+            _check_all_workers_trained(h, N_WORKERS, run)
+            return h
+        except (AllWorkersLost, WorkerLeft) as e:
+            if attempt == 2:
+                raise
+            # Why a worker left is in its log, which goes when the cluster closes.
+            print(f"{run}: {e}; waiting for the workers to run it once more", cluster.log_tails(),
+                  sep="\n", flush=True)
+            client.wait_for_workers(N_WORKERS, timeout=120)
 
 
 class WorkerLeft(RuntimeError):

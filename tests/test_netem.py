@@ -4,6 +4,7 @@ real worker-to-worker traffic through tc-shaped links, real teardown."""
 import contextlib
 import glob
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -100,6 +101,15 @@ def test_each_worker_runs_in_its_own_namespace_and_is_connected(emulated, emulat
         others = [h.ip for h in emulated.workers if h is not host]
         assert f"inet {host.ip}/24" in addrs[address]
         assert not any(f"inet {ip}/" in addrs[address] for ip in others)
+
+
+def test_log_tails_show_each_process_s_log(emulated):
+    # What a caller prints when a worker left: the logs go when the cluster closes.
+    parts = re.split(r"^--- (\S+)\.log \(end\) ---$", emulated.log_tails(), flags=re.MULTILINE)
+    names, texts = parts[1::2], parts[2::2]
+    assert sorted(names) == ["scheduler", "worker-0", "worker-1"]
+    # Each with the end of what its process wrote (the processes log as they start).
+    assert all(text.strip() for text in texts)
 
 
 @needs_root

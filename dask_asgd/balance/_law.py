@@ -137,6 +137,11 @@ def _valid(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def _valid_sends(report: Report) -> list[tuple[int, float]]:
+    """The report's sends with a positive, finite size and time."""
+    return [(b, s) for b, s in report.sends if _valid(b) and _valid(s) and b > 0 and s > 0]
+
+
 class Balancer:
     """Chooses ``comm_interval`` and ``message_size`` for one worker.
 
@@ -208,7 +213,7 @@ class Balancer:
             return
         if _valid(report.samples) and report.samples >= 0:
             self.speed = self._smooth(self.speed, report.samples / seconds, seconds)
-        sends = [(b, s) for b, s in report.sends if _valid(b) and _valid(s) and b > 0 and s > 0]
+        sends = _valid_sends(report)
         now = report.elapsed if _valid(report.elapsed) else 0.0
         self._sends.extend((now, b, s) for b, s in sends)
         while self._sends and self._sends[0][0] < now - self.settings.window_seconds:
@@ -405,8 +410,7 @@ class Balancer:
         if now is None:
             return None
         self._now = now
-        self._watch_drain([(b, s) for b, s in report.sends if _valid(b) and _valid(s) and s > 0],
-                          report.oldest_in_flight if _valid(report.oldest_in_flight) else 0.0)
+        self._watch_drain(_valid_sends(report), report.oldest_in_flight if _valid(report.oldest_in_flight) else 0.0)
         if self._size_cap < self.n_params and now - self._quiet_since >= self.settings.relax_seconds:
             self._size_cap = split_size(self.n_params, 2 * self._size_cap, self.settings.max_levels)
             self._quiet_since = now

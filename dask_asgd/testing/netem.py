@@ -550,8 +550,11 @@ class EmulatedCluster:
                 if exited
                 else f"{waiting_for} within {self.timeout:g} s"
             )
-            logs = "\n".join(f"--- {name}.log (end) ---\n{self._log_tail(name)}" for name in self._processes)
-            raise RuntimeError(f"emulated cluster failed to start: {problem}\n{logs}")
+            raise RuntimeError(f"emulated cluster failed to start: {problem}\n{self.log_tails()}")
+
+    def log_tails(self) -> str:
+        """The end of each process's log (the logs go when the cluster closes)."""
+        return "\n".join(f"--- {name}.log (end) ---\n{self._log_tail(name)}" for name in self._processes)
 
     def _log_tail(self, name: str, lines: int = 15) -> str:
         try:

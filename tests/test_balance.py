@@ -128,7 +128,7 @@ def test_the_law_never_picks_slices_under_the_floor():
 def test_holds_the_targets_in_steady_state():
     balancer, _ = drive([(30, 1e-3, 12.5e6)])
     s = balancer.settings
-    share_cpu = SPEED * balancer.latency / balancer.comm_interval
+    share_cpu = SPEED * balancer.message_cost() / balancer.comm_interval
     share_link = SPEED * balancer.message_time(balancer.message_size) / balancer.comm_interval
     # Quantisation (sqrt 2) and the dead band let each share sit within a factor 2.
     assert max(share_cpu / s.cpu_share, share_link / s.link_share) == pytest.approx(1.0, rel=1.0)
@@ -139,6 +139,45 @@ def test_holds_the_targets_in_steady_state():
 def test_few_changes_in_steady_state_despite_noise(bandwidth):
     _, trace = drive([(60, 1e-3, bandwidth)], noise=0.3)
     assert changes_between(trace, 15, 60) <= 2, [(t, b, m) for t, b, m, d in trace if d and t > 15]
+
+
+def cpu_measured(cpu_per_message, reports=24, latency=1e-3):
+    """A balancer fed a fast link (64 KB messages, 1 ms probes) whose reports
+    say each of their 20 messages cost ``cpu_per_message`` seconds of CPU."""
+    balancer = Balancer(64_064, 8, 256, comm_interval=2048, message_size=8_008)
+    for i in range(1, reports + 1):
+        balancer.update(Report(elapsed=0.25 * i, samples=20_000, seconds=0.25, messages=20,
+                               comm_cpu=20 * cpu_per_message, sends=[(64_064, 1.5e-3), (8, latency)]))
+    return balancer
+
+
+def test_the_interval_holds_the_measured_cpu_per_message_at_its_share():
+    # 80,000 samples/s; 2 ms of CPU per message at a 20% share asks for
+    # 80,000 x 2e-3 / 0.2 = 800 samples (724 or 1024 after quantising and the
+    # dead band); 0.5 ms for a quarter of it. The probe's 1 ms is the same in both.
+    costly, cheap = cpu_measured(2e-3), cpu_measured(0.5e-3)
+    assert costly.settings.cpu_share == 0.2
+    assert costly.message_cost() == pytest.approx(2e-3)
+    assert 724 <= costly.comm_interval <= 1024, costly.comm_interval
+    assert cheap.comm_interval <= costly.comm_interval / 2.8
+    assert cheap.comm_interval >= 256
+
+
+def test_the_measured_cpu_counts_at_most_four_latencies():
+    # An event loop busy with other work (50 ms "per message"): the law takes
+    # 4 x 1 ms, 80,000 x 4e-3 / 0.2 = 1,600 samples (within a sqrt(2) step and
+    # the dead band), not the 20,000 the raw figure asks for.
+    busy = cpu_measured(50e-3)
+    assert busy.message_cost() == pytest.approx(4e-3)
+    assert 1024 <= busy.comm_interval <= 2896, busy.comm_interval
+
+
+def test_nonsense_cpu_measurements_are_ignored():
+    balancer = cpu_measured(2e-3, reports=4)
+    before = balancer.message_cpu
+    for messages, cpu in [(20, math.nan), (20, -1.0), (20, math.inf), (0, 0.5), (-3, 0.5), (math.nan, 0.5)]:
+        balancer.update(Report(elapsed=1.5, samples=20_000, seconds=0.25, messages=messages, comm_cpu=cpu))
+    assert balancer.message_cpu == before
 
 
 def test_nonsense_measurements_are_ignored():

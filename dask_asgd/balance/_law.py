@@ -31,18 +31,27 @@ The law (our own design; the papers' is not published in usable form):
   a NumPy simulation of the merge rule alone shows the same. The balancer had
   mixed them whenever two workers' estimates differed (at 100 Mbit/s: 8,008
   beside 16,016).
-* Interval: every message costs its fixed part L (mostly CPU on both workers'
-  event loops) and keeps the link busy ``t = L + m * itemsize / B``, or, for
-  the size being sent, t as timed: the quickest of its last 16 sends (once 4
-  came after any drain), which needs no split of the time into L and B. Sending
-  every b samples at v samples/s costs a share ``v * L / b`` of the time in
-  per-message work and keeps the link busy a share ``v * t / b``. b is the
-  smallest interval that holds the first at ``cpu_share`` and the second at
-  ``link_share``: ``b = v * max(L / cpu_share, t / link_share)``. Measured:
-  keeping the link nearly full pays (logistic regression at 10 Mbit/s, 1/32
-  slices: b=1024, the link full, reached the target in 4.5 s, the median of
-  27 runs; b=2048 in 5.3 and 6.1 s), hence 0.8 and 10%, not the first 0.5
-  and 5%.
+* Interval: every message costs its worker CPU, c seconds: the worker
+  measures the CPU its event loop spends (sending, receiving) and its training
+  thread spends merging, per state message sent (each worker receives about
+  as many as it sends); until measured, c = L. A message also keeps the link
+  busy ``t = L + m * itemsize / B``, or, for the size being sent, t as timed:
+  the quickest of its last 16 sends (once 4 came after any drain), which
+  needs no split of the time into L and B. Sending every b samples at v
+  samples/s costs a share ``v * c / b`` of the time and keeps the link busy a
+  share ``v * t / b``. b is the smallest interval that holds the first at
+  ``cpu_share`` and the second at ``link_share``:
+  ``b = v * max(c / cpu_share, t / link_share)``. Measured: keeping the link
+  nearly full pays (logistic regression at 10 Mbit/s, 1/32 slices: b=1024,
+  the link full, reached the target in 4.5 s, the median of 27 runs; b=2048
+  in 5.3 and 6.1 s), hence 0.8. The CPU: a message of 64 KB cost 1.8 ms at
+  100 Mbit/s on the emulated cluster (1.3 ms for 32 KB; loopback 1.0 ms),
+  where the probe's round trip L was 0.8-1 ms: with L for c, the law sent
+  every 512 samples (a third of the CPU on communicating, 35% fewer samples/s
+  than at 2048) where 1024-2048 reached the target 1.3x sooner. The measure
+  also holds the event loop's other work (4% of a core), so c reads high at
+  long intervals (4 ms at b=4096); ``cpu_share`` is 20% of that measure, and
+  c is at most 4 L.
 * Probing: with all sends of one size, latency and bandwidth cannot be told
   apart. When such sends take long (over ``probe_seconds``), the message size is
   halved once, and the two sizes separate them.
@@ -79,7 +88,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class BalancerSettings:
-    cpu_share: float = 0.1
+    cpu_share: float = 0.2
     link_share: float = 0.8
     probe_seconds: float = 0.02
     window: int = 64
@@ -105,6 +114,8 @@ class Report:
     superseded: int = 0  # messages replaced while waiting to be sent
     in_flight: int = 0
     oldest_in_flight: float = 0.0  # age in seconds of the oldest send on the wire
+    messages: int = 0  # state messages sent since the previous report
+    comm_cpu: float = math.nan  # CPU seconds spent communicating since the previous report
 
 
 @dataclass(frozen=True)
@@ -129,6 +140,8 @@ LATENCY_MEMORY = 3
 # Without backlog, b grows at most this factor per change: a blip in the
 # estimates costs a step, not a run (b went from 2048 to 65536 on one).
 MAX_GROWTH = 4
+# A message's measured CPU cost is at most this factor over the latency.
+MESSAGE_COST_SPREAD = 4.0
 # The sender name under which the scheduler's monitor sends each worker its settings.
 BALANCER_SENDER = "scheduler"
 
@@ -174,6 +187,7 @@ class Balancer:
         self.tune_interval = tune_interval
         self.tune_size = tune_size
         self.latency = self.bandwidth = self.speed = None
+        self.message_cpu: float | None = None  # CPU seconds per state message sent, as measured
         self.changes = 0
         self._last_change = -math.inf
         self._sends: deque[tuple[float, int, float]] = deque(maxlen=self.settings.window)
@@ -213,6 +227,8 @@ class Balancer:
             return
         if _valid(report.samples) and report.samples >= 0:
             self.speed = self._smooth(self.speed, report.samples / seconds, seconds)
+        if _valid(report.messages) and report.messages > 0 and _valid(report.comm_cpu) and report.comm_cpu >= 0:
+            self.message_cpu = self._smooth(self.message_cpu, report.comm_cpu / report.messages, seconds)
         sends = _valid_sends(report)
         now = report.elapsed if _valid(report.elapsed) else 0.0
         self._sends.extend((now, b, s) for b, s in sends)
@@ -388,7 +404,18 @@ class Balancer:
         if self._unresolved():
             return None
         s = self.settings
-        return self.speed * max(self.latency / s.cpu_share, self.message_time(message_size) / s.link_share)
+        return self.speed * max(self.message_cost() / s.cpu_share, self.message_time(message_size) / s.link_share)
+
+    def message_cost(self) -> float:
+        """CPU seconds a state message costs its worker, as measured; the
+        latency (a probe's round trip, mostly event-loop work) until measured.
+        The measure holds the event loop's other work too (heartbeats,
+        reports: 4% of a core on the emulated cluster), a share that does not
+        fall with fewer messages; so at most ``MESSAGE_COST_SPREAD`` times the
+        latency, lest an event loop busy with other things stop the exchanges."""
+        if self.message_cpu is None:
+            return self.latency
+        return min(self.message_cpu, MESSAGE_COST_SPREAD * self.latency)
 
     def _quantise(self, interval: float) -> int:
         s = self.settings
@@ -473,7 +500,7 @@ class Balancer:
             interval = max(interval, self._quantise(self.comm_interval * math.sqrt(2)))
         bandwidth = f"{self.bandwidth * 8 / 1e6:.1f} Mbit/s" if self.bandwidth else "not limiting"
         why = (f"latency {self.latency * 1e3:.2f} ms, bandwidth {bandwidth}, {self.speed:,.0f} samples/s: "
-               f"per-message cost {100 * self.speed * self.latency / interval:.0f}% of the time, "
+               f"messages {self.message_cost() * 1e3:.2f} ms of CPU each, {100 * self.speed * self.message_cost() / interval:.0f}% of the time, "
                f"link busy {100 * self.speed * self.message_time(size) / interval:.0f}%")
         if size < own:
             why += f"; {run_size_reason(size)}"

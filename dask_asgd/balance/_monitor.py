@@ -124,6 +124,8 @@ class Monitor(SchedulerPlugin):
             superseded=int(report.get("superseded", 0)) - int(previous.get("superseded", 0)),
             in_flight=int(report.get("in_flight", 0)),
             oldest_in_flight=float(report["oldest_in_flight"]),
+            messages=int(report.get("messages_sent", 0)) - int(previous.get("messages_sent", 0)),
+            comm_cpu=float(report.get("comm_cpu_seconds", math.nan)) - float(previous.get("comm_cpu_seconds", math.nan)),
         ))
         if decision is not None:
             self._adjust(worker, track, decision)

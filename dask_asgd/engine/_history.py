@@ -15,6 +15,9 @@ UNITS = {
     "bytes_sent": "bytes",
     "latency": "s",
     "bandwidth": "bytes/s",
+    "cpu_seconds": "s",
+    "compute_cpu_seconds": "s",
+    "comm_cpu_seconds": "s",
 }
 
 DESCRIPTIONS = {
@@ -31,6 +34,10 @@ DESCRIPTIONS = {
     "malformed": "received messages dropped by validation",
     "latency": "median seconds per send (recent sends)",
     "bandwidth": "bytes per second of recent sends",
+    "cpu_seconds": "CPU time of the worker's process since the run started, all threads",
+    "compute_cpu_seconds": "CPU time the training thread spent on mini-batches",
+    "comm_cpu_seconds": "CPU time spent on communicating: the worker's event loop (sends, receives, "
+                        "heartbeats) and merges of received states",
 }
 
 

@@ -58,6 +58,7 @@ class Reporter:
             "messages_sent": run.sent,
             "accepted": run.filter.accepted,
             "rejected": run.filter.rejected,
+            **run.cpu_seconds(),
             "sends": self._new_sends(),
             "oldest_in_flight": self._oldest_in_flight(),
             "peers": self._per_peer(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import threading
 import time
 from typing import Any
 
@@ -186,6 +187,15 @@ class WorkerRun:
         self.level = spec.level(spec.message_size)
         self._next_slice = 0
         self.sent = 0
+        # CPU seconds of this process since the run started; those the
+        # training thread spent on mini-batches; and those spent on
+        # communicating: the event loop's (sends, receives, probes; heartbeats
+        # too, but not Dask's profiler thread) and the training thread's on
+        # exchanges (merges). The balancer holds the last near its CPU share.
+        self._cpu_start = time.process_time()
+        self.compute_cpu = 0.0
+        self.exchange_cpu = 0.0
+        self._loop_clock: tuple[int, float] | None = None  # the event loop thread's CPU clock, its reading at start
         self.round = 0
         self.silent_peers: set[str] = set()
         self._sync_latest: dict[str, Any] = {}
@@ -205,7 +215,13 @@ class WorkerRun:
         # The links outlive runs: their timing logs count for this run from here.
         self.log_start = {} if self.channel is None else {a: link.logged for a, link in self.channel.links.items()}
         self.reporter = Reporter(self)
+        self.worker.loop.add_callback(self._find_loop_clock)
         self._record(force=True)
+
+    def _find_loop_clock(self) -> None:
+        """Runs on the event loop: its thread's CPU clock."""
+        clock = time.pthread_getcpuclockid(threading.get_ident())
+        self._loop_clock = (clock, time.clock_gettime(clock))
 
     def take_rows_from(self, X_chunks, y_chunks) -> None:
         """Train on these rows from now on (the driver moved rows to or from this worker)."""
@@ -223,13 +239,17 @@ class WorkerRun:
         deadline = time.perf_counter() + seconds
         spec = self.spec
         while not self.done and time.perf_counter() < deadline:
+            started = time.thread_time()
             before = self._train_block()
+            self.compute_cpu += time.thread_time() - started
             if self.done:
                 break
+            started = time.thread_time()
             if spec.mode == "sync" and spec.communicates:
                 self._sync_exchange()
             elif spec.communicates:
                 self._async_exchange(before)
+            self.exchange_cpu += time.thread_time() - started
             self._check_time()
         self._record()
 
@@ -478,6 +498,7 @@ class WorkerRun:
             "messages_sent": self.sent,
             "accepted": self.filter.accepted,
             "rejected": self.filter.rejected,
+            **self.cpu_seconds(),
         }
         row.update(self._channel_row())
         self._rows.append(row)
@@ -487,6 +508,12 @@ class WorkerRun:
             # slow link) needs its latency measured, and new settings applied, most.
             self._probe()
             self._apply_balance()
+
+    def cpu_seconds(self) -> dict:
+        loop = self._loop_clock
+        comm = math.nan if loop is None else time.clock_gettime(loop[0]) - loop[1] + self.exchange_cpu
+        return {"cpu_seconds": time.process_time() - self._cpu_start, "compute_cpu_seconds": self.compute_cpu,
+                "comm_cpu_seconds": comm}
 
     def _channel_row(self) -> dict:
         if self.channel is None:

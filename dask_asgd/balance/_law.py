@@ -50,8 +50,9 @@ The law (our own design; the papers' is not published in usable form):
   every 512 samples (a third of the CPU on communicating, 35% fewer samples/s
   than at 2048) where 1024-2048 reached the target 1.3x sooner. The measure
   also holds the event loop's other work (4% of a core), so c reads high at
-  long intervals (4 ms at b=4096); ``cpu_share`` is 20% of that measure, and
-  c is at most 4 L.
+  long intervals (4 ms at b=4096); ``cpu_share`` is 15% of that measure (28%
+  at b=512, 19% at 1024, 14% at 2048 for logistic regression's eighths at
+  100 Mbit/s; 2048 reached the target soonest), and c is at most 4 L.
 * Probing: with all sends of one size, latency and bandwidth cannot be told
   apart. When such sends take long (over ``probe_seconds``), the message size is
   halved once, and the two sizes separate them.
@@ -88,7 +89,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class BalancerSettings:
-    cpu_share: float = 0.2
+    cpu_share: float = 0.15
     link_share: float = 0.8
     probe_seconds: float = 0.02
     window: int = 64
@@ -140,6 +141,8 @@ LATENCY_MEMORY = 3
 # Without backlog, b grows at most this factor per change: a blip in the
 # estimates costs a step, not a run (b went from 2048 to 65536 on one).
 MAX_GROWTH = 4
+# The message size changes when the law's optimum is this factor off it.
+SIZE_DEADBAND = 1.8
 # A message's measured CPU cost is at most this factor over the latency.
 MESSAGE_COST_SPREAD = 4.0
 # The sender name under which the scheduler's monitor sends each worker its settings.
@@ -387,8 +390,11 @@ class Balancer:
         wanted = math.sqrt(self.n_params * self.latency * self.bandwidth / (2 * s.link_share * self.itemsize))
         wanted = min(max(wanted, s.min_message_size), self.n_params)
         # Splits are a factor 2 apart: keep the current one while the optimum
-        # stays within sqrt(2) x dead band of it, so noise flips nothing.
-        band = math.sqrt(2) * s.deadband
+        # stays within SIZE_DEADBAND of it, so noise flips nothing (the optimum
+        # must move 27% past the midpoint to the next split, L*B 61%). Wider
+        # (2.1) held 16,016 at 100 Mbit/s for 2.6 s where the optimum was 7,900:
+        # chosen at the start from a probe that had queued (4.5 ms for 1 ms).
+        band = SIZE_DEADBAND
         if self.message_size / band <= wanted <= self.message_size * band:
             return self.message_size
         # The age is a/m + c*m, as far above its minimum at k times the optimum

@@ -172,6 +172,20 @@ def test_the_measured_cpu_counts_at_most_four_latencies():
     assert 1448 <= busy.comm_interval <= 4096, busy.comm_interval
 
 
+def test_the_message_time_counts_overlapping_sends_once():
+    # 10 Mbit/s, 16 KB slices: 13 ms of link each. Two on the wire at a time
+    # share it, so each send takes 26 ms; the link was busy 13 ms per send.
+    def fed(busy):
+        balancer = Balancer(64_064, 8, 256, comm_interval=1024, message_size=2_002)
+        for i in range(1, 9):
+            balancer.update(Report(elapsed=0.25 * i, samples=20_000, seconds=0.25, busy=busy,
+                                   sends=[(16_016, 0.026)] * 4 + [(8, 1e-3)]))
+        return balancer.message_time(2_002)
+
+    assert fed(busy=4 * 0.013) == pytest.approx(0.013)
+    assert fed(busy=math.nan) == pytest.approx(0.026)  # a worker that does not report it: the sends' own times
+
+
 def test_nonsense_cpu_measurements_are_ignored():
     balancer = cpu_measured(2e-3, reports=4)
     before = balancer.message_cpu

@@ -438,6 +438,50 @@ def test_sends_in_flight_are_bounded():
         assert {k: (m["i"], p[0]) for _, k, p, m in taken} == {k: (i, float(i)) for k, i in last.items()}
 
 
+@contextlib.contextmanager
+def _pair_with_a_byte_bound(max_bytes):
+    """(client, a, b): two workers with the channel, two sends in flight per
+    peer, and at most ``max_bytes`` on the wire beyond the first."""
+    with dask.config.set({"asgd.channel.max-in-flight-per-peer": 2,
+                          "asgd.channel.max-bytes-in-flight-per-peer": max_bytes}):
+        lc = _cluster(2)
+    with lc, Client(lc) as client:
+        client.wait_for_workers(2)
+        client.register_plugin(Channel())
+        a, b = sorted(client.scheduler_info()["workers"])
+        yield client, a, b
+
+
+def _burst_peak(client, a, b, topic, size, n=30):
+    """The most sends on the wire at once while ``a`` sends ``n`` arrays of
+    ``size`` float64 to ``b`` as fast as it can, and the link's stats after."""
+    _on(client, b, _subscribe, topic, "float64", {k: (size,) for k in (0, 1)})
+    _on(client, a, _start_sampler, b)
+    client.submit(_burst, topic, b, n, [0, 1], size, workers=[a], pure=False).result()
+    stats = _until_on(client, a, _link_stats, b, ready=lambda s: s["in_flight"] == 0 and s["waiting"] == 0,
+                      timeout=30, what="the burst to settle")
+    return _on(client, a, _stop_sampler)["max_in_flight"], stats
+
+
+@pytest.mark.timeout(120)
+def test_a_large_send_goes_alone_small_ones_two_at_a_time():
+    # 1 MiB beyond the first send: 2 MB messages go one at a time, 8 KB ones two.
+    with _pair_with_a_byte_bound("1 MiB") as (client, a, b):
+        large, large_stats = _burst_peak(client, a, b, "t3c/large", 250_000)
+        small, _ = _burst_peak(client, a, b, "t3c/small", 1_000)
+        busy = _on(client, a, _busy_seconds, b)
+    assert (large, small) == (1, 2)
+    assert large_stats["sent"] > 0 and large_stats["failed"] == 0
+    # The link was busy at least as long as its sends took one after another
+    # (they went one at a time), and no longer than the run of the test.
+    large_times = [s for nbytes, s in large_stats["log"] if nbytes == 8 * 250_000]
+    assert sum(large_times) * 0.99 <= busy < 120, (sum(large_times), busy)
+
+
+def _busy_seconds(peer, dask_worker):
+    return dask_worker.plugins[PLUGIN].link(peer).busy_seconds()
+
+
 def _publish_then_withdraw(topic, peer, size):
     """Task: one large message on the wire, three more waiting behind it, those
     three withdrawn, then one more."""

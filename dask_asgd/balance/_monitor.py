@@ -126,6 +126,7 @@ class Monitor(SchedulerPlugin):
             oldest_in_flight=float(report["oldest_in_flight"]),
             messages=int(report.get("messages_sent", 0)) - int(previous.get("messages_sent", 0)),
             comm_cpu=float(report.get("comm_cpu_seconds", math.nan)) - float(previous.get("comm_cpu_seconds", math.nan)),
+            busy=float(report.get("busy_seconds", math.nan)) - float(previous.get("busy_seconds", math.nan)),
         ))
         if decision is not None:
             self._adjust(worker, track, decision)

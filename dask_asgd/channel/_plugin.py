@@ -11,6 +11,7 @@ import operator
 from collections import Counter
 
 from array_api_compat import array_namespace
+from dask.utils import parse_bytes
 from distributed import WorkerPlugin, get_worker
 from distributed.protocol import to_serialize
 
@@ -55,6 +56,7 @@ class Channel(WorkerPlugin):
             raise ValueError(
                 f"asgd.channel.max-in-flight-per-peer={self._limit} would never send anything; set it to 1 or more"
             )
+        self._max_bytes = parse_bytes(config.get("channel.max-bytes-in-flight-per-peer"))
         self._timeout = float(config.get("channel.send-timeout"))
         self._log_length = int(config.get("channel.log-length"))
         self.early = EarlyMessages(int(config.get("channel.early-messages")),
@@ -126,7 +128,8 @@ class Channel(WorkerPlugin):
     def _link(self, peer: str) -> PeerLink:
         link = self.links.get(peer)
         if link is None:
-            link = self.links[peer] = PeerLink(peer, self._send, self._limit, self._timeout, self._log_length)
+            link = self.links[peer] = PeerLink(peer, self._send, self._limit, self._timeout, self._log_length,
+                                               max_bytes=self._max_bytes)
         return link
 
     async def _send(self, peer: str, message: Outgoing):

@@ -31,6 +31,9 @@ SERIES = (
     ("messages_in_flight", "gauge", "Sends of the worker on the wire now", lambda r, p: p["in_flight"]),
     ("messages_superseded", "counter", "Messages replaced by a newer one before they were sent", lambda r, p: r.get("superseded")),
     ("messages_overwritten", "counter", "Received messages replaced by a newer one before they were read", lambda r, p: r.get("overwritten")),
+    ("cpu_seconds", "counter", "CPU time of the worker's process in this run", lambda r, p: r.get("cpu_seconds")),
+    ("comm_cpu_seconds", "counter", "CPU time the worker spent communicating (event loop, merges) in this run",
+     lambda r, p: r.get("comm_cpu_seconds")),
     ("done", "gauge", "1 once the worker has finished its part of the run", lambda r, p: bool(r.get("done"))),
 )
 PREFIX = "dask_asgd_"

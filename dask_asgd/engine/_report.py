@@ -61,6 +61,7 @@ class Reporter:
             **run.cpu_seconds(),
             "sends": self._new_sends(),
             "oldest_in_flight": self._oldest_in_flight(),
+            "busy_seconds": sum(link.busy_seconds() for link in self._links()),
             "peers": self._per_peer(),
             "done": done,
             "stop_reason": run.stop_reason,

@@ -219,9 +219,12 @@ class WorkerRun:
         self._record(force=True)
 
     def _find_loop_clock(self) -> None:
-        """Runs on the event loop: its thread's CPU clock."""
-        clock = time.pthread_getcpuclockid(threading.get_ident())
-        self._loop_clock = (clock, time.clock_gettime(clock))
+        """Runs on the event loop: its thread's CPU clock (Unix only; elsewhere
+        ``comm_cpu_seconds`` stays NaN and the balancer counts a message's
+        latency as its cost)."""
+        if hasattr(time, "pthread_getcpuclockid"):
+            clock = time.pthread_getcpuclockid(threading.get_ident())
+            self._loop_clock = (clock, time.clock_gettime(clock))
 
     def take_rows_from(self, X_chunks, y_chunks) -> None:
         """Train on these rows from now on (the driver moved rows to or from this worker)."""

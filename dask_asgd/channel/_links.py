@@ -192,10 +192,13 @@ class PeerLink:
             self._on_wire.pop(id(message), None)
             self.in_flight -= 1
             self._bytes_on_wire -= message.nbytes
-            if self._waiting:
+            # Oldest slot first; as many as the bounds now allow (a large send
+            # that went alone may leave room for two small ones).
+            while self._waiting:
                 slot = next(iter(self._waiting))
-                if self._may_start(self._waiting[slot]):
-                    self._start(self._waiting.pop(slot))
+                if not self._may_start(self._waiting[slot]):
+                    break
+                self._start(self._waiting.pop(slot))
             if self.in_flight == 0 and self._busy_since is not None:
                 self._busy += time.perf_counter() - self._busy_since
                 self._busy_since = None

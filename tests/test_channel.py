@@ -384,19 +384,22 @@ def test_mailbox_keeps_newest_per_key(cluster):
 # ----------------------------------------------------------------------------------------
 # 3. Bound on sends in flight
 # ----------------------------------------------------------------------------------------
-@pytest.mark.timeout(120)
 @contextlib.contextmanager
-def _pair_sending_one_at_a_time():
-    """(client, a, b): two workers with the channel, one send in flight per peer."""
+def _pair(channel_config: dict):
+    """(client, a, b): two workers with the channel, under these ``asgd.channel`` settings."""
     # Nanny hands the client's dask.config to the workers; an env= override would be
     # overwritten by it (the client has already loaded the asgd defaults).
-    with dask.config.set({"asgd.channel.max-in-flight-per-peer": 1}):
+    with dask.config.set({f"asgd.channel.{name}": value for name, value in channel_config.items()}):
         lc = _cluster(2)
     with lc, Client(lc) as client:
         client.wait_for_workers(2)
         client.register_plugin(Channel())
         a, b = sorted(client.scheduler_info()["workers"])
         yield client, a, b
+
+
+def _pair_sending_one_at_a_time():
+    return _pair({"max-in-flight-per-peer": 1})
 
 
 def test_sends_in_flight_are_bounded():
@@ -438,20 +441,6 @@ def test_sends_in_flight_are_bounded():
         assert {k: (m["i"], p[0]) for _, k, p, m in taken} == {k: (i, float(i)) for k, i in last.items()}
 
 
-@contextlib.contextmanager
-def _pair_with_a_byte_bound(max_bytes):
-    """(client, a, b): two workers with the channel, two sends in flight per
-    peer, and at most ``max_bytes`` on the wire beyond the first."""
-    with dask.config.set({"asgd.channel.max-in-flight-per-peer": 2,
-                          "asgd.channel.max-bytes-in-flight-per-peer": max_bytes}):
-        lc = _cluster(2)
-    with lc, Client(lc) as client:
-        client.wait_for_workers(2)
-        client.register_plugin(Channel())
-        a, b = sorted(client.scheduler_info()["workers"])
-        yield client, a, b
-
-
 def _burst_peak(client, a, b, topic, size, n=30):
     """The most sends on the wire at once while ``a`` sends ``n`` arrays of
     ``size`` float64 to ``b`` as fast as it can, and the link's stats after."""
@@ -466,7 +455,7 @@ def _burst_peak(client, a, b, topic, size, n=30):
 @pytest.mark.timeout(120)
 def test_a_large_send_goes_alone_small_ones_two_at_a_time():
     # 1 MiB beyond the first send: 2 MB messages go one at a time, 8 KB ones two.
-    with _pair_with_a_byte_bound("1 MiB") as (client, a, b):
+    with _pair({"max-in-flight-per-peer": 2, "max-bytes-in-flight-per-peer": "1 MiB"}) as (client, a, b):
         large, large_stats = _burst_peak(client, a, b, "t3c/large", 250_000)
         small, _ = _burst_peak(client, a, b, "t3c/small", 1_000)
         busy = _on(client, a, _busy_seconds, b)

@@ -183,7 +183,7 @@ def test_page_and_metrics_follow_a_fit_on_a_local_cluster():
     assert all(0 <= v <= 1 for _, v in after.get("dask_asgd_accept_ratio", []))
     assert all(v > 0 for _, v in after.get("dask_asgd_bandwidth_bytes_per_second", []))
     assert sorted(v for _, v in after["dask_asgd_done"]) == [1.0, 1.0]
-    cpu, comm = (dict((labels["worker"], v) for labels, v in after[name])
+    cpu, comm = ({labels["worker"]: v for labels, v in after[name]}
                  for name in ("dask_asgd_cpu_seconds_total", "dask_asgd_comm_cpu_seconds_total"))
     assert all(0 < comm[w] < cpu[w] for w in workers), (cpu, comm)
     # A clean fit drops no report (the total is the whole process's).

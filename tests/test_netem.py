@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 
+import dask
 import numpy as np
 import pytest
 from distributed import Client, wait
@@ -76,7 +77,8 @@ def _namespace_pids(namespace):
 
 @pytest.fixture(scope="module")
 def emulated():
-    with EmulatedCluster(n_workers=2, nthreads=1) as cluster:
+    # A setting of the caller's that its processes must see (see the test below).
+    with dask.config.set({"distributed.comm.timeouts.connect": "97s"}), EmulatedCluster(n_workers=2, nthreads=1) as cluster:
         yield cluster
 
 
@@ -101,6 +103,15 @@ def test_each_worker_runs_in_its_own_namespace_and_is_connected(emulated, emulat
         others = [h.ip for h in emulated.workers if h is not host]
         assert f"inet {host.ip}/24" in addrs[address]
         assert not any(f"inet {ip}/" in addrs[address] for ip in others)
+
+
+@needs_root
+def test_the_processes_take_the_callers_dask_config(emulated, emulated_client):
+    def connect_timeout():
+        return dask.config.get("distributed.comm.timeouts.connect")
+
+    assert set(emulated_client.run(connect_timeout).values()) == {"97s"}
+    assert emulated_client.run_on_scheduler(connect_timeout) == "97s"
 
 
 def test_log_tails_show_each_process_s_log(emulated):

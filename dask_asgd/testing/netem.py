@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Self
 
+import dask.config
 from distributed import Client
 
 __all__ = [
@@ -535,6 +536,10 @@ class EmulatedCluster:
             # processes before close() stops them in order.
             self._processes[name] = subprocess.Popen(
                 argv,
+                # The dask config in force here, as LocalCluster's nannies pass it
+                # on: a caller's timeouts must reach the scheduler and workers
+                # too (the balance benchmark's 120 s connect timeout did not).
+                env={**os.environ, "DASK_INTERNAL_INHERIT_CONFIG": dask.config.serialize(dask.config.global_config)},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -231,7 +231,7 @@ class Balancer:
         weight = 1.0 - 0.5 ** (seconds / self.settings.smoothing)
         return old + weight * (new - old)
 
-    def _observe(self, report: Report) -> None:
+    def _observe(self, report: Report, sends: list[tuple[int, float]]) -> None:
         seconds = report.seconds if _valid(report.seconds) and report.seconds > 0 else None
         if seconds is None:
             return
@@ -239,7 +239,6 @@ class Balancer:
             self.speed = self._smooth(self.speed, report.samples / seconds, seconds)
         if _valid(report.messages) and report.messages > 0 and _valid(report.comm_cpu) and report.comm_cpu >= 0:
             self.message_cpu = self._smooth(self.message_cpu, report.comm_cpu / report.messages, seconds)
-        sends = _valid_sends(report)
         now = report.elapsed if _valid(report.elapsed) else 0.0
         self._sends.extend((now, b, s) for b, s in sends)
         self._observe_busy(now, sends, report.busy)
@@ -460,7 +459,8 @@ class Balancer:
 
     def update(self, report: Report) -> Decision | None:
         """Take one report; return a new setting, with its reason, or ``None``."""
-        self._observe(report)
+        sends = _valid_sends(report)
+        self._observe(report, sends)
         done = [s for _, s in report.sends if _valid(s) and s > 0]
         going = report.oldest_in_flight if _valid(report.oldest_in_flight) else 0.0
         self._slowest = max(done + [going, 0.0])
@@ -472,7 +472,7 @@ class Balancer:
         if now is None:
             return None
         self._now = now
-        self._watch_drain(_valid_sends(report), report.oldest_in_flight if _valid(report.oldest_in_flight) else 0.0)
+        self._watch_drain(sends, report.oldest_in_flight if _valid(report.oldest_in_flight) else 0.0)
         if self._size_cap < self.n_params and now - self._quiet_since >= self.settings.relax_seconds:
             self._size_cap = split_size(self.n_params, 2 * self._size_cap, self.settings.max_levels)
             self._quiet_since = now

@@ -113,6 +113,11 @@ class Monitor(SchedulerPlugin):
         if track.balancer is None or previous is None or track.done:
             return
         seconds = float(report["elapsed"]) - float(previous["elapsed"])
+
+        def since_previous(name: str, default: float = math.nan) -> float:
+            """An optional counter's change since the previous report (an older worker may lack it)."""
+            return float(report.get(name, default)) - float(previous.get(name, default))
+
         # Read by the law in this update only: the others' choices as they stand now.
         track.balancer.run_size_cap = _smallest_wish(run, but=worker, default=track.balancer.n_params)
         track.balancer.run_latency = _quickest_probe(run, but=worker)
@@ -121,12 +126,12 @@ class Monitor(SchedulerPlugin):
             samples=int(report["samples"]) - int(previous["samples"]),
             seconds=seconds,
             sends=[(int(b), float(s)) for b, s in report["sends"]],
-            superseded=int(report.get("superseded", 0)) - int(previous.get("superseded", 0)),
+            superseded=int(since_previous("superseded", 0)),
             in_flight=int(report.get("in_flight", 0)),
             oldest_in_flight=float(report["oldest_in_flight"]),
-            messages=int(report.get("messages_sent", 0)) - int(previous.get("messages_sent", 0)),
-            comm_cpu=float(report.get("comm_cpu_seconds", math.nan)) - float(previous.get("comm_cpu_seconds", math.nan)),
-            busy=float(report.get("busy_seconds", math.nan)) - float(previous.get("busy_seconds", math.nan)),
+            messages=int(since_previous("messages_sent", 0)),
+            comm_cpu=since_previous("comm_cpu_seconds"),
+            busy=since_previous("busy_seconds"),
         ))
         if decision is not None:
             self._adjust(worker, track, decision)

@@ -5,6 +5,7 @@ a target loss and loss at the time budget for "auto" and a sweep of fixed
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import threading
@@ -83,9 +84,10 @@ def _run_one(cluster, client, make, X, y, setting: Setting, regime, budget: floa
 
 
 def run_shaped(cluster, client, run, schedule, budget: float = 0.0):
-    """``run()`` (a fit) in a thread, the links unshaped until its training starts,
-    then at each ``(fraction of budget, rate)`` of ``schedule`` in turn; unshaped
-    again afterwards. Returns what ``run()`` returns, or raises what it raised."""
+    """``run()`` (a fit) in a thread, the links unshaped during its set-up, then
+    at each ``(fraction of budget, rate)`` of ``schedule`` in turn, counted from
+    the end of the set-up; unshaped again afterwards. Returns what ``run()``
+    returns, or raises what it raised."""
     cluster.set_rate(None)
     result: dict = {}
 
@@ -95,15 +97,13 @@ def run_shaped(cluster, client, run, schedule, budget: float = 0.0):
         except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
             result["error"] = e
 
-    before = set(client.run_on_scheduler(_run_ids))
+    before = set(client.run_on_scheduler(_task_keys))
     training = threading.Thread(target=target)
     training.start()
     start = None
     while training.is_alive() and start is None:
-        if set(client.run_on_scheduler(_run_ids)) - before:
+        if client.run_on_scheduler(_await_setup, before, 1.0):
             start = time.time()
-        else:
-            time.sleep(0.05)
     for fraction, rate in schedule if start is not None else ():
         while training.is_alive() and time.time() < start + fraction * budget:
             time.sleep(0.1)
@@ -113,6 +113,28 @@ def run_shaped(cluster, client, run, schedule, budget: float = 0.0):
     if "error" in result:
         raise result["error"]
     return result["value"]
+
+
+def _task_keys(dask_scheduler) -> list:
+    return list(dask_scheduler.tasks)
+
+
+async def _await_setup(before: set, seconds: float, dask_scheduler=None) -> bool:
+    """On the scheduler: wait (up to ``seconds``) for the fit's set-up to end,
+    which is when every worker holds the initial state and the evaluation rows
+    (the engine's ``_hold`` tasks, right before the clock starts) or training
+    tasks run. The set-up moves megabytes between workers (tens of seconds at
+    10 Mbit/s), so it goes unshaped; the training's first messages must not:
+    shaped only once the first report came (a quarter second in), they went
+    out unshaped and set the balancer's first estimates of the link."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        new = [(key, ts.state) for key, ts in dask_scheduler.tasks.items() if key not in before and isinstance(key, str)]
+        holds = [state for key, state in new if key.startswith("_hold-")]
+        if any(key.startswith("asgd-train-") for key, _ in new) or (holds and all(s == "memory" for s in holds)):
+            return True
+        await asyncio.sleep(0.002)
+    return False
 
 
 def _trained(cluster, client, make, X, y, setting: Setting, regime, budget: float, run: str):
@@ -146,11 +168,6 @@ def _check_all_workers_trained(h, n_workers: int, run: str) -> None:
         raise WorkerLeft(f"{run}: {h.sizes['worker']} of {n_workers} workers trained"
                            + (f", {', '.join(lost)} left mid-fit" if lost else "")
                            + "; the emulated cluster lost a worker, so the results would compare nothing: run again")
-
-
-def _run_ids(dask_scheduler):
-    monitor = dask_scheduler.plugins.get("dask-asgd-monitor")
-    return [] if monitor is None else [r for r, run in monitor.runs.items() if run.workers]
 
 
 def time_to(times, loss, target: float) -> float:

@@ -118,6 +118,34 @@ def test_adapts_within_five_seconds_of_a_rate_drop(emulated):
     assert float(late.max()) <= 2
 
 
+def test_the_benchmark_shapes_the_links_before_the_first_state_message(emulated):
+    """``bench_balance.run_shaped``: set-up unshaped (it moves megabytes), the
+    training shaped from its first state message on."""
+    from dask_asgd.bench_balance import run_shaped
+
+    cluster, client = emulated
+
+    def first_state_sends(run_id, dask_scheduler=None):
+        # Nested: pickled by value (the scheduler process cannot import tests).
+        tracks = dask_scheduler.plugins["dask-asgd-monitor"].runs[run_id].workers
+        return {w: next((s for r in t.reports for b, s in r["sends"] if b >= 1024), None) for w, t in tracks.items()}
+
+    X = client.persist(make_blobs(40_000, 32, 50, chunk_rows=10_000, random_state=0)[0])
+
+    def fit():
+        with dask.config.set({"asgd.init.sample-size": 2000}):
+            est = KMeans(500, random_state=0, comm_interval=2048, message_size=16_000, max_epochs=100_000,
+                         max_time=2.0, tol=None, client=client)
+            return est.fit(X).history_
+
+    h = run_shaped(cluster, client, fit, [(0.0, "10mbit")], budget=2.0)
+    firsts = client.run_on_scheduler(first_state_sends, h.attrs["run_id"])
+    assert set(firsts) == set(h.worker.values)
+    # A whole 128 KB state takes 0.1 s at 10 Mbit/s (a millisecond or two unshaped).
+    for worker, seconds in firsts.items():
+        assert seconds is not None and seconds > 0.05, firsts
+
+
 def test_balance_benchmark_plumbing(tmp_path):
     """A tiny `dask-asgd bench balance`: it completes and writes what the README
     says (JSON records with medians over repeats, a markdown table, the plots)."""

@@ -51,8 +51,11 @@ _COMMON_DOC = """
         sync and simuparallel mode (no balancer), ``asgd.comm-interval-default``.
     message_size : int or "auto"
         At most this many parameters per message: the state is split in
-        2**L equal slices, sent round-robin. ``"auto"`` (asgd mode): start at
-        ``asgd.message-size-default`` and let the balancer adjust it.
+        2**L equal slices, sent round-robin. ``"auto"``: in asgd mode, start
+        at ``asgd.balance.start-message-size`` (small slices: their times
+        tell the balancer the link's bandwidth before any large message
+        fills it) and let the balancer adjust it; in sync and simuparallel
+        mode, ``asgd.message-size-default``.
     update_filter : {"parzen", None}, default "parzen"
         ``parzen``: merge a received state only if the local step moves towards it.
     client : distributed.Client or None
@@ -95,11 +98,13 @@ class _ASGDEstimator(BaseEstimator):
             if y is not None and self._numeric_targets:
                 check_finite(y, "y")
             y = self._encode_targets(y)
-        comm_interval = self.comm_interval
+        # "auto" starts where the balancer (asgd mode) starts, else at the defaults.
+        balanced = self.mode == "asgd"
+        comm_interval, message_size = self.comm_interval, self.message_size
         if comm_interval == "auto":
-            balanced = self.mode == "asgd"
             comm_interval = config.get("balance.start-interval" if balanced else "comm-interval-default")
-        message_size = config.get("message-size-default") if self.message_size == "auto" else self.message_size
+        if message_size == "auto":
+            message_size = config.get("balance.start-message-size" if balanced else "message-size-default")
         with _client_for(self.client) as client:
             if not in_memory:
                 X, y = self._persist_checked(client, da.asarray(X), None if y is None else da.asarray(y))

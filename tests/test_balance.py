@@ -471,12 +471,39 @@ def test_monitor_collects_reports_and_balances_auto_runs(client):
     assert all(reason for reason in h.adjustment_reason.values)
     assert (h.comm_interval.isel(time=0) == start).all()
     assert (h.comm_interval.isel(time=-1) != start).any()
+    # Auto sizes start at asgd.balance.start-message-size (8192): halves of the 16,000.
+    assert (h.message_size.isel(time=0) == 8_000).all()
     assert set(h.adjustment_worker.values) <= set(h.worker.values)
     # What the workers applied is what history_ shows at the end.
     for worker in h.worker.values:
         mine = h.adjustment_comm_interval.values[h.adjustment_worker.values == worker]
         if len(mine):
             assert float(h.comm_interval.sel(worker=worker).isel(time=-1)) == mine[-1]
+
+
+def _reports(run_id, dask_scheduler=None):
+    monitor = dask_scheduler.plugins["dask-asgd-monitor"]
+    return {w: [(r["elapsed"], r["done"], [b for b, _ in r["sends"]]) for r in t.reports]
+            for w, t in monitor.runs[run_id].workers.items()}
+
+
+def test_the_first_state_message_is_reported_at_once(client):
+    """Its time is the balancer's first look at the link's bandwidth: it goes
+    to the monitor when known, not when the next report is due."""
+    from dask_asgd import KMeans
+
+    X = np.random.default_rng(1).normal(size=(20_000, 16))
+    with dask.config.set({"asgd.balance.report-interval": 30.0}):  # no report due during the fit
+        est = KMeans(50, random_state=0, max_epochs=10_000, max_time=3.0, tol=None, client=client).fit(X)
+    reports = client.run_on_scheduler(_reports, est.history_.attrs["run_id"])
+    assert set(reports) == set(est.history_.worker.values)
+    state_bytes = 50 * 16 * 8
+    for worker, mine in reports.items():
+        first = next(i for i, (_, _, sends) in enumerate(mine) if state_bytes in sends)
+        elapsed, done, _ = mine[first]
+        assert not done and elapsed < 2.5, (worker, mine)
+        # One early report, not one per exchange: the start's, that one, the final.
+        assert len(mine) <= 3, (worker, mine)
 
 
 def test_fixed_knobs_are_not_balanced(client):

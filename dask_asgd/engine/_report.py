@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 
+from ..balance._law import PAYLOAD_BYTES
+
 REPORT_OP = "asgd-metrics"
 MAX_SENDS_PER_REPORT = 64
 
@@ -28,12 +30,21 @@ class Reporter:
         self._due = 0.0
         self._seen_sends: dict[str, int] = dict(run.log_start)  # peer -> sends of its link already reported
         self._seen_transfers = 0
+        self._state_reported = False  # a report has carried a timed state message
 
     def maybe_send(self) -> None:
+        """Send a report if one is due, or if the first state message just
+        arrived: its time is the balancer's first look at the link's bandwidth
+        (at 10 Mbit/s a quarter-second wait for the next report let whole
+        states fill the link first)."""
         now = time.perf_counter()
-        if now >= self._due:
+        if now >= self._due or (not self._state_reported and self._state_sent()):
             self._due = now + self.run.spec.report_interval
             self._send(done=False)
+
+    def _state_sent(self) -> bool:
+        return any(b >= PAYLOAD_BYTES for link in self._links()
+                   for b, _ in link.sends_since(self._seen_sends.get(link.address, 0)))
 
     def send_final(self) -> None:
         self._send(done=True)
@@ -82,6 +93,7 @@ class Reporter:
         for link in self._links():
             sends.extend([b, s] for b, s in link.sends_since(self._seen_sends.get(link.address, 0)))
             self._seen_sends[link.address] = link.logged
+        self._state_reported = self._state_reported or any(b >= PAYLOAD_BYTES for b, _ in sends)
         return sends[-MAX_SENDS_PER_REPORT:]
 
     def _per_peer(self) -> dict[str, list[float]]:

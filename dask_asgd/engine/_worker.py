@@ -352,6 +352,9 @@ class WorkerRun:
         """Merge what peers sent (if the filter lets it in), then send one slice to a random peer."""
         self._since_exchange = 0
         self._apply_balance()
+        if self.balance_box is not None:
+            # Not only at history rows: the first state message's time goes out as soon as it is known.
+            self.reporter.maybe_send()
         for message in self.mailbox.take():
             if message.sender not in self.spec.peers:
                 self.mailbox.malformed += 1  # well formed, but not from this run's workers

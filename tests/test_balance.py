@@ -116,6 +116,28 @@ def test_message_size_is_the_split_nearest_the_optimum():
     assert balancer.message_size == 4_004
 
 
+@pytest.mark.parametrize("bandwidth, link_only, with_cpu", [(1.0e6, 2_002, 4_004), (12.5e6, 8_008, 32_032)])
+def test_messages_are_larger_when_the_cpu_not_the_link_sets_their_pace(bandwidth, link_only, with_cpu):
+    # 64,064 parameters, 1.2 ms fixed cost, at 8 and 100 Mbit/s. By the link
+    # alone the freshest size is sqrt(P L B / (2 u s)): 2,453 and 8,675, splits
+    # 2,002 and 8,008. But a message that costs 4.8 ms of CPU (measured) goes
+    # at most every 4.8 / 0.15 = 32 ms, and at that pace the link carries
+    # larger ones: the optimum is where the link's pace meets the CPU's,
+    # m = (u * 32 ms - L) * B / s: 3,050 and 38,125, splits 4,004 and 32,032.
+    def settle(cpu_per_message):
+        # From eighths, as an auto run starts (asgd.balance.start-message-size).
+        balancer = Balancer(64_064, 8, 256, comm_interval=2048, message_size=8_008)
+        for i in range(1, 13):
+            sent = 8 * balancer.message_size
+            balancer.update(Report(elapsed=0.25 * i, samples=10_000, seconds=0.25,
+                                   sends=[(sent, 1.2e-3 + sent / bandwidth), (8, 1.2e-3)],
+                                   messages=4, comm_cpu=4 * cpu_per_message))
+        return balancer.message_size
+
+    assert settle(1.2e-3) == link_only  # CPU per message = the latency: the link sets the pace
+    assert settle(4.8e-3) == with_cpu
+
+
 def test_the_law_never_picks_slices_under_the_floor():
     # About 0.9 Mbit/s and a 1.3 ms fixed cost: the law's optimum for 64,064
     # parameters is about 1,100, clipped to the 1,024 floor. The split nearest

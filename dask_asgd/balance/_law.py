@@ -19,7 +19,14 @@ The law (our own design; the papers' is not published in usable form):
   refresh plus one message old. Sending slices of m parameters (itemsize s) with
   the link busy a share u, a full refresh takes ``P/m * (L + m*s/B) / u`` and a
   message ``L + m*s/B``; the age ``P*L/(2*m*u) + P*s/(2*B*u) + L + m*s/B`` is
-  smallest at ``m = sqrt(P * L * B / (2 * u * s))``. Clipped to [min, whole
+  smallest at ``m = sqrt(P * L * B / (2 * u * s))``. But messages also cost
+  CPU (c each, below), so they go at most every ``c / cpu_share`` seconds
+  whatever their size; where that pace is the slower, the refresh is
+  ``P/m * c / cpu_share`` and larger messages pay: the optimum moves up to
+  where the two paces meet. The law takes the size of least age on a grid
+  (2**(1/8) apart) with both paces. Measured on K-Means at 10 Mbit/s (c
+  4-5 ms): by the link alone 2000-parameter slices, 4.5-4.6 s to target,
+  where 4000 took 2.2-2.6 s. Clipped to [min, whole
   state] and rounded to the nearest power-of-two split (in log scale: the age
   grows alike either side of its minimum): latency-bound links (L*B large)
   get whole states, bandwidth-bound links slices that shrink with sqrt(B).
@@ -55,6 +62,11 @@ The law (our own design; the papers' is not published in usable form):
   long intervals (4 ms at b=4096); ``cpu_share`` is 15% of that measure (28%
   at b=512, 19% at 1024, 14% at 2048 for logistic regression's eighths at
   100 Mbit/s; 2048 reached the target soonest), and c is at most 4 L.
+* Start: an auto run sends small slices (``asgd.balance.start-message-size``,
+  64 KB) and reports the first one's time at once: the first setting comes
+  from a message that cannot fill a slow link. From whole states, as at
+  first, a 10 Mbit/s link carried 0.4 s messages until the backlog rule cut
+  them, 0.65-0.77 s in, and they still had to drain.
 * Probing: with all sends of one size, latency and bandwidth cannot be told
   apart. When such sends take long (over ``probe_seconds``), the message size is
   halved once, and the two sizes separate them.
@@ -414,9 +426,7 @@ class Balancer:
                 # Slow sends of one size: is it latency or bandwidth? Half the size tells.
                 return self._split(self.message_size / 2)
             return self.message_size if not self._identified else self.n_params
-        s = self.settings
-        wanted = math.sqrt(self.n_params * self.latency * self.bandwidth / (2 * s.link_share * self.itemsize))
-        wanted = min(max(wanted, s.min_message_size), self.n_params)
+        wanted = self._freshest_size()
         # Splits are a factor 2 apart: keep the current one while the optimum
         # stays within SIZE_DEADBAND of it, so noise flips nothing (the optimum
         # must move 27% past the midpoint to the next split, L*B 61%). Wider
@@ -428,6 +438,29 @@ class Balancer:
         # The age is a/m + c*m, as far above its minimum at k times the optimum
         # as at 1/k of it: the nearest split in log scale, not the next under.
         return self._split(wanted * math.sqrt(2))
+
+    def _freshest_size(self) -> float:
+        """The message size (parameters) that keeps a worker's view of its
+        peers' states youngest: half a full refresh plus one message old (see
+        the module's docstring), messages as often as both the link and the
+        CPU allow. Searched on a grid 2**(1/8) apart from the floor to the
+        whole state."""
+        s = self.settings
+        # Messages go at most every c / cpu_share seconds whatever their size
+        # (with a fixed interval, every interval), and at most as often as the
+        # link carries them at its share.
+        if self.tune_interval:
+            floor = self.message_cost() / s.cpu_share
+        else:
+            floor = self.comm_interval / self.speed if self.speed else 0.0
+
+        def age(m: float) -> float:
+            message = self.latency + m * self.itemsize / self.bandwidth
+            return self.n_params / m * max(floor, message / s.link_share) / 2 + message
+
+        smallest = min(s.min_message_size, self.n_params)
+        steps = math.ceil(8 * math.log2(self.n_params / smallest))
+        return min((self.n_params * 2 ** (-k / 8) for k in range(steps + 1)), key=age)
 
     def target_interval(self, message_size: int) -> float | None:
         """The interval the law asks for, before quantisation; none while the

@@ -124,6 +124,24 @@ def test_log_tails_show_each_process_s_log(emulated):
 
 
 @needs_root
+def test_a_worker_that_exited_is_started_again_at_its_address(emulated, emulated_client):
+    # A worker whose scheduler connection breaks shuts down, its nanny with it;
+    # SIGTERM makes the same graceful exit for real.
+    before = emulated.pids["worker-1"]
+    os.kill(before, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while "worker-1" not in emulated.exited() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "worker-1" in emulated.exited()
+    assert emulated.restart_exited_workers() == [1]
+    assert emulated.pids["worker-1"] != before and not emulated.exited()
+    # At its address, which only its namespace has, and running tasks.
+    assert set(emulated_client.nthreads()) == set(emulated.worker_addresses)
+    assert emulated_client.submit(lambda: 1, workers=[emulated.worker_addresses[1]]).result(timeout=60) == 1
+    assert emulated.restart_exited_workers() == []  # nothing to do when all run
+
+
+@needs_root
 def test_rate_limit_shapes_worker_to_worker_transfers(emulated, emulated_client):
     emulated.set_rate(None)
     unshaped = _transfer_seconds(emulated_client, emulated, 0, 1)

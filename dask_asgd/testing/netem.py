@@ -510,18 +510,36 @@ class EmulatedCluster:
         if self.dashboard:
             self.dashboard_link = f"http://{gateway}:{info['services']['dashboard']}/status"
 
+    def restart_exited_workers(self) -> list[int]:
+        """Start again the workers whose process has ended, in their namespaces
+        at their addresses, and wait until they are connected; returns their
+        indices. (A worker whose connection to the scheduler breaks shuts
+        down, its nanny with it: seen across a drop to 5 Mbit/s.)"""
+        exited = [host for host in self.network.hosts if self._processes[f"worker-{host.index}"].poll() is not None]
+        for host in exited:
+            self._start_worker(host)
+        if exited:
+            self._wait_for_workers()
+        return [host.index for host in exited]
+
     def _start_workers(self) -> None:
         for host in self.network.hosts:
-            argv = [
-                sys.executable, "-m", "distributed.cli.dask_worker", self.scheduler_address,
-                "--host", host.ip, "--worker-port", str(WORKER_PORT), "--name", f"w{host.index}",
-                "--nthreads", str(self.nthreads), "--nanny" if self.nanny else "--no-nanny",
-                "--no-dashboard", "--local-directory", os.path.join(self._workdir, f"worker-{host.index}"),
-                # Should the scheduler be gone for good (SIGKILLed), workers exit rather than retry forever.
-                "--death-timeout", "60",
-                *self.worker_options,
-            ]  # fmt: skip
-            self._spawn(f"worker-{host.index}", self.network.exec_argv(host.index, argv))
+            self._start_worker(host)
+        self._wait_for_workers()
+
+    def _start_worker(self, host: Host) -> None:
+        argv = [
+            sys.executable, "-m", "distributed.cli.dask_worker", self.scheduler_address,
+            "--host", host.ip, "--worker-port", str(WORKER_PORT), "--name", f"w{host.index}",
+            "--nthreads", str(self.nthreads), "--nanny" if self.nanny else "--no-nanny",
+            "--no-dashboard", "--local-directory", os.path.join(self._workdir, f"worker-{host.index}"),
+            # Should the scheduler be gone for good (SIGKILLed), workers exit rather than retry forever.
+            "--death-timeout", "60",
+            *self.worker_options,
+        ]  # fmt: skip
+        self._spawn(f"worker-{host.index}", self.network.exec_argv(host.index, argv))
+
+    def _wait_for_workers(self) -> None:
         deadline = time.monotonic() + self.timeout
         with Client(self.scheduler_address, timeout=self.timeout, set_as_default=False) as client:
             while set(client.nthreads()) != set(self.worker_addresses):
@@ -531,7 +549,8 @@ class EmulatedCluster:
     def _spawn(self, name: str, argv: list[str]) -> None:
         # Main thread only: the parent-death signal fires when the creating *thread* ends.
         in_main = threading.current_thread() is threading.main_thread()
-        with open(os.path.join(self._workdir, f"{name}.log"), "wb") as log:
+        # Appended to: a restarted worker's log keeps why the first one ended.
+        with open(os.path.join(self._workdir, f"{name}.log"), "ab") as log:
             # A session of its own keeps Ctrl-C in the terminal from reaching the
             # processes before close() stops them in order.
             self._processes[name] = subprocess.Popen(

@@ -146,6 +146,61 @@ def test_the_benchmark_shapes_the_links_before_the_first_state_message(emulated)
         assert seconds is not None and seconds > 0.05, firsts
 
 
+def test_a_fit_past_its_time_limit_is_reported_not_waited_for(emulated):
+    """A fit whose worker left for good waits forever for its task (seen once
+    across the drop to 5 Mbit/s): the benchmark stops with the processes' logs."""
+    from dask_asgd.bench_balance import FitHung, run_shaped
+
+    cluster, client = emulated
+    release = threading.Event()
+    started = time.time()
+    try:
+        with pytest.raises(FitHung, match=r"did not finish within 2 s(.|\n)*worker-0\.log"):
+            run_shaped(cluster, client, lambda: release.wait(60), [(0.0, "10mbit")], budget=1.0, limit=2.0)
+    finally:
+        release.set()
+    assert time.time() - started < 10
+    assert all(host.rate is None for host in cluster.network.hosts)  # unshaped again
+
+
+def test_a_fit_a_worker_left_runs_once_more_once_the_worker_is_back(emulated, capsys):
+    """The benchmark's retry: a worker that exits mid-fit is started again and the
+    fit runs once more, so one lost worker does not cost the benchmark."""
+    import signal
+
+    from dask_asgd import bench_balance
+
+    cluster, client = emulated
+    X = client.persist(make_blobs(40_000, 32, 50, chunk_rows=10_000, random_state=0)[0])
+    make = lambda **kw: KMeans(500, update_filter=None, **kw)  # noqa: E731
+
+    def training(dask_scheduler=None):
+        monitor = dask_scheduler.plugins.get("dask-asgd-monitor")
+        return 0 if monitor is None else len(monitor.runs)
+
+    runs_before = client.run_on_scheduler(training)
+    killer_done = threading.Event()
+
+    def end_worker_1_once_training():
+        try:
+            deadline = time.time() + 120
+            while client.run_on_scheduler(training) == runs_before and time.time() < deadline:
+                time.sleep(0.1)
+            time.sleep(1.0)  # well into training
+            os.kill(cluster.pids["worker-1"], signal.SIGTERM)
+        finally:
+            killer_done.set()
+
+    threading.Thread(target=end_worker_1_once_training, daemon=True).start()
+    with dask.config.set({"asgd.init.sample-size": 2000}):
+        h = bench_balance._trained(cluster, client, make, X, None, bench_balance.Setting(2048, 16_000),
+                                   [(0.0, None)], 4.0, "retry test")
+    assert killer_done.wait(5)
+    assert "starting the workers that exited, to run it once more" in capsys.readouterr().out
+    assert h.sizes["worker"] == 2  # both trained the whole fit (_trained checks no worker left)
+    assert set(client.nthreads()) == set(cluster.worker_addresses)
+
+
 def test_balance_benchmark_plumbing(tmp_path):
     """A tiny `dask-asgd bench balance`: it completes and writes what the README
     says (JSON records with medians over repeats, a markdown table, the plots)."""

@@ -138,6 +138,18 @@ def test_messages_are_larger_when_the_cpu_not_the_link_sets_their_pace(bandwidth
     assert settle(4.8e-3) == with_cpu
 
 
+def test_a_probe_slower_than_a_state_message_is_not_taken_for_the_latency():
+    # A run's first probe waited behind the peer's messages: 146 ms, where
+    # 64 KB state messages took 6 ms (100 Mbit/s and 1.2 ms latency). A state
+    # message pays the fixed cost too: the latency is at most 6 ms, and the
+    # interval is what 6 ms messages allow, not 146 ms ones.
+    balancer = Balancer(64_064, 8, 256, comm_interval=2048, message_size=8_008)
+    decision = balancer.update(Report(elapsed=0.3, samples=20_000, seconds=0.3,
+                                      sends=[(8, 0.146), (64_064, 6e-3), (64_064, 7e-3)]))
+    assert balancer.latency <= 6e-3
+    assert decision is not None and decision.comm_interval <= 2048, decision
+
+
 def test_the_law_never_picks_slices_under_the_floor():
     # About 0.9 Mbit/s and a 1.3 ms fixed cost: the law's optimum for 64,064
     # parameters is about 1,100, clipped to the 1,024 floor. The split nearest

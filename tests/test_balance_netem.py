@@ -142,7 +142,7 @@ def test_the_benchmark_shapes_the_links_before_the_first_state_message(emulated)
     firsts = client.run_on_scheduler(first_state_sends, h.attrs["run_id"])
     assert set(firsts) == set(h.worker.values)
     # A whole 128 KB state takes 0.1 s at 10 Mbit/s (a millisecond or two unshaped).
-    for worker, seconds in firsts.items():
+    for seconds in firsts.values():
         assert seconds is not None and seconds > 0.05, firsts
 
 
@@ -172,7 +172,7 @@ def test_a_fit_a_worker_left_runs_once_more_once_the_worker_is_back(emulated, ca
 
     cluster, client = emulated
     X = client.persist(make_blobs(40_000, 32, 50, chunk_rows=10_000, random_state=0)[0])
-    make = lambda **kw: KMeans(500, update_filter=None, **kw)  # noqa: E731
+    make = lambda **kw: KMeans(500, update_filter=None, **kw)
 
     def training(dask_scheduler=None):
         monitor = dask_scheduler.plugins.get("dask-asgd-monitor")

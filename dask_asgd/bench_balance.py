@@ -18,6 +18,7 @@ import numpy as np
 
 from .datasets import make_blobs
 from .engine._chains import AllWorkersLost
+from .engine._driver import SETUP_HOLD_PREFIX
 from .estimators import KMeans, LogisticRegression
 from .testing.netem import EmulatedCluster
 
@@ -141,7 +142,7 @@ def _task_keys(dask_scheduler) -> list:
 async def _await_setup(before: set, seconds: float, dask_scheduler=None) -> bool:
     """On the scheduler: wait (up to ``seconds``) for the fit's set-up to end,
     which is when every worker holds the initial state and the evaluation rows
-    (the engine's ``_hold`` tasks, right before the clock starts) or training
+    (the engine's ``SETUP_HOLD_PREFIX`` tasks, right before the clock starts) or training
     tasks run. The set-up moves megabytes between workers (tens of seconds at
     10 Mbit/s), so it goes unshaped; the training's first messages must not:
     shaped only once the first report came (a quarter second in), they went
@@ -149,7 +150,7 @@ async def _await_setup(before: set, seconds: float, dask_scheduler=None) -> bool
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         new = [(key, ts.state) for key, ts in dask_scheduler.tasks.items() if key not in before and isinstance(key, str)]
-        holds = [state for key, state in new if key.startswith("_hold-")]
+        holds = [state for key, state in new if key.startswith(SETUP_HOLD_PREFIX)]
         if any(key.startswith("asgd-train-") for key, _ in new) or (holds and all(s == "memory" for s in holds)):
             return True
         await asyncio.sleep(0.002)

@@ -17,7 +17,7 @@ import dask
 import numpy as np
 
 from .datasets import make_blobs
-from .engine._chains import AllWorkersLost
+from .engine._chains import TRAIN_KEY_PREFIX, AllWorkersLost
 from .engine._driver import SETUP_HOLD_PREFIX
 from .estimators import KMeans, LogisticRegression
 from .testing.netem import EmulatedCluster
@@ -151,7 +151,7 @@ async def _await_setup(before: set, seconds: float, dask_scheduler=None) -> bool
     while time.monotonic() < deadline:
         new = [(key, ts.state) for key, ts in dask_scheduler.tasks.items() if key not in before and isinstance(key, str)]
         holds = [state for key, state in new if key.startswith(SETUP_HOLD_PREFIX)]
-        if any(key.startswith("asgd-train-") for key, _ in new) or (holds and all(s == "memory" for s in holds)):
+        if any(key.startswith(TRAIN_KEY_PREFIX) for key, _ in new) or (holds and all(s == "memory" for s in holds)):
             return True
         await asyncio.sleep(0.002)
     return False

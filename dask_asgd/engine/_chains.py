@@ -22,6 +22,8 @@ CHAIN_DEPTH = 2
 MEMBERSHIP_POLL = 0.5
 # Seconds to wait for a finished link's result before asking whether its worker is gone.
 RESULT_PATIENCE = 2.0
+# Keys of training segments: this prefix, the run id, the worker index, the link.
+TRAIN_KEY_PREFIX = "asgd-train-"
 
 
 def worker_addresses(client: Client) -> set[str]:
@@ -156,7 +158,7 @@ class ChainKeeper:
         previous = self.chains[i][-1] if self.chains[i] else None
         future = self.client.submit(
             train_segment, self.spec, i, shard.X, shard.y, self.inits[i], self.evaluation, previous,
-            key=f"asgd-train-{self.spec.run_id}-{i}-{self.links_made[i]}",
+            key=f"{TRAIN_KEY_PREFIX}{self.spec.run_id}-{i}-{self.links_made[i]}",
             workers=[shard.address], allow_other_workers=False, pure=False,
         )
         self.owner[future.key] = (i, self.links_made[i])

@@ -96,11 +96,11 @@ def fit(
     # Every worker holds the initial state and the evaluation rows before the
     # clock starts: over a slow link they take seconds, and a worker that fetched
     # them in its first training task would start late (seen: after max_time).
-    hold = f"{SETUP_HOLD_PREFIX}{uuid.uuid4().hex[:12]}"
-    wait([client.submit(_hold, init, evaluation, workers=[s.address], key=f"{hold}-{i}")
+    run_id = uuid.uuid4().hex[:12]
+    wait([client.submit(_hold, init, evaluation, workers=[s.address], key=f"{SETUP_HOLD_PREFIX}{run_id}-{i}")
           for i, s in enumerate(shards)])
     spec = RunSpec(
-        run_id=uuid.uuid4().hex[:12],
+        run_id=run_id,
         mode=mode,
         model=model,
         learning_rate=learning_rate,

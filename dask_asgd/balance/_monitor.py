@@ -228,9 +228,11 @@ def _settings_from_config() -> BalancerSettings:
         "deadband": "balance.deadband",
         "min_change_interval": "balance.min-change-interval",
         "min_message_size": "balance.min-message-size",
+        "min_refresh": "balance.min-refresh-samples",
     }
     values = {name: float(config.get(key)) for name, key in keys.items()}
     values["min_message_size"] = int(values["min_message_size"])
+    values["min_refresh"] = int(values["min_refresh"])
     if not all(math.isfinite(v) and v > 0 for v in values.values()):
         raise ValueError(f"asgd.balance settings must be positive numbers, got {values}")
     return BalancerSettings(**values)

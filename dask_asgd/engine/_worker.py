@@ -353,7 +353,7 @@ class WorkerRun:
         self._since_exchange = 0
         self._apply_balance()
         if self.balance_box is not None:
-            # Not only at history rows: the first state message's time goes out as soon as it is known.
+            # Not only at history rows: the first state messages' times go out as soon as they are known.
             self.reporter.maybe_send()
         for message in self.mailbox.take():
             if message.sender not in self.spec.peers:

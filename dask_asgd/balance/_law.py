@@ -35,7 +35,7 @@ The law (our own design; the papers' is not published in usable form):
   peer's older state faster than it moves on. Each parameter is merged at most
   every ``min_refresh`` samples (4096): at b samples between messages, slices
   of at most P * b / 4096 parameters (the split nearest in log scale). Measured
-  unshaped, b=2048, both problems: halves (a refresh every 4096 samples)
+  (balance benchmark at 1e25bed) unshaped, b=2048, both problems: halves (a refresh every 4096 samples)
   reached the target in 0.74 s (K-Means) and 3.06 s (logistic regression),
   whole states every 2048 samples in 1.06 and 3.78 s, whole states every
   16384 in 1.76 and 4.1 s. The same CPU per message either way (3.3-3.9 ms),

@@ -91,14 +91,21 @@ def kmeans_metric(X, centers) -> float:
 
 
 def logistic_metric(X, y, coef, intercept, alpha: float) -> float:
-    """Binary logistic objective: mean cross-entropy + ``alpha/2 ||coef||^2`` (the
+    """Logistic objective: mean cross-entropy + ``alpha/2 ||coef||^2`` (the
     intercept unpenalised), as dask-asgd, ``SGDClassifier`` and ``LogisticRegression``
-    with ``C = 1/(alpha n)`` all minimise it."""
-    w = np.asarray(coef, dtype=np.float64).reshape(-1)
-    b = float(np.asarray(intercept, dtype=np.float64).reshape(-1)[0])
+    with ``C = 1/(alpha n)`` all minimise it. Binary for one row of ``coef``
+    (classes 0 and 1); multinomial (softmax over the rows, one per class) for more."""
+    W = np.atleast_2d(np.asarray(coef, dtype=np.float64))
+    b = np.asarray(intercept, dtype=np.float64).reshape(-1)
+    penalty = 0.5 * alpha * float(np.sum(W * W))
     with threadpool_limits(PEER_THREADS):
-        z = X @ w + b
-        return float(np.mean(np.logaddexp(0.0, z) - y * z) + 0.5 * alpha * float(w @ w))
+        if W.shape[0] == 1:
+            z = X @ W[0] + b[0]
+            return float(np.mean(np.logaddexp(0.0, z) - y * z) + penalty)
+        Z = X @ W.T + b
+        top = Z.max(axis=1)
+        log_norm = top + np.log(np.exp(Z - top[:, None]).sum(axis=1))
+        return float(np.mean(log_norm - Z[np.arange(len(y)), np.asarray(y, dtype=np.int64)]) + penalty)
 
 
 # -- dask-asgd: one fit, checkpoints as the trace ---------------------------------------

@@ -100,3 +100,28 @@ def test_a_slow_network_only_problem_is_not_loaded_when_the_slow_network_is_off(
     records = bench_peers.run(tmp_path, repeats=1, problem_list=[wide], slow_network=False, efficiency={},
                               log=logged.append)
     assert records == [] and not any("reference" in line for line in logged)
+
+
+def test_the_logistic_metric_matches_scikit_learn_for_two_classes_and_for_many():
+    # The objective every method is scored on: mean cross-entropy (scikit-learn's
+    # log_loss of the predicted probabilities) + alpha/2 ||coef||^2, intercept spared.
+    import numpy as np
+    from sklearn.metrics import log_loss
+
+    from dask_asgd.bench_peers_methods import logistic_metric
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(500, 6))
+    alpha = 1e-2
+    w, b = rng.normal(size=6), 0.3
+    y2 = rng.integers(2, size=500)
+    p = 1.0 / (1.0 + np.exp(-(X @ w + b)))
+    expected = log_loss(y2, p, labels=[0, 1]) + 0.5 * alpha * float(w @ w)
+    assert logistic_metric(X, y2, w[None, :], [b], alpha) == pytest.approx(expected, rel=1e-12)
+    W, c = rng.normal(size=(5, 6)), rng.normal(size=5)
+    y5 = rng.integers(5, size=500)
+    Z = X @ W.T + c
+    P = np.exp(Z - Z.max(axis=1, keepdims=True))
+    P /= P.sum(axis=1, keepdims=True)
+    expected = log_loss(y5, P, labels=range(5)) + 0.5 * alpha * float(np.sum(W * W))
+    assert logistic_metric(X, y5, W, c, alpha) == pytest.approx(expected, rel=1e-9)

@@ -90,6 +90,8 @@ def plot(records: list[dict], out: Path) -> list[Path]:
             # few restarts, not the global optimum), logarithmic above 0.1%.
             ax.set_yscale("symlog", linthresh=0.1)
             ax.set_xscale("log")
+            # Major ticks only: within a decade or two matplotlib labels every minor tick, on top of each other.
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel("wall time from the fit call (s)")
             ax.set_ylabel("metric above the reference optimum (%)")
             ax.set_title(f"{problem}, {regime}", fontsize=10)

@@ -146,7 +146,7 @@ def _blobs(n=200_000, d=16, k=10, seed=0):
 def test_every_poison_is_dropped_or_refused_and_the_fit_stays_clean(clusters):
     client, attacker = clusters
     X = _blobs()
-    common = {"max_epochs": 8, "tol": None, "comm_interval": 16384, "message_size": 1 << 20, "random_state": 0, "client": client}
+    common = {"max_epochs": 16, "tol": None, "comm_interval": 16384, "message_size": 1 << 20, "random_state": 0, "client": client}
     clean = KMeans(10, **common).fit(X)
     pids = client.run(os.getpid)
     dropped_before = client.run(_dropped)

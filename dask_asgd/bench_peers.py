@@ -91,8 +91,6 @@ class PeerProblem:
     cost_cap_s: float  # most wall time one method's repeat may spend
     restarts: int  # scikit-learn KMeans restarts behind the reference optimum
     regimes: tuple[str, ...] = ("local",)  # "local": every method; SLOW_RATE: asgd vs sync on an emulated network
-    n_informative: int = 8  # classification: features in which the class means differ
-    class_sep: float = 0.5  # classification: how far apart the class means lie, on average
 
     @property
     def label(self) -> str:
@@ -156,9 +154,8 @@ def load(problem: PeerProblem, client: Client, with_local: bool = True) -> Data:
                                     chunk_rows=chunk_rows, random_state=0)
         y_dask = None
     else:
-        X_dask, y_dask = make_classification(problem.n_samples, problem.n_features, problem.n_classes,
-                                             class_sep=problem.class_sep, n_informative=problem.n_informative,
-                                             chunk_rows=chunk_rows, random_state=1)
+        X_dask, y_dask = make_classification(problem.n_samples, problem.n_features, problem.n_classes, class_sep=0.5,
+                                             n_informative=8, chunk_rows=chunk_rows, random_state=1)
     X_dask = client.persist(X_dask)
     y_dask = None if y_dask is None else client.persist(y_dask)
     if not with_local:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import dask
 import numpy as np
+from scipy.special import logsumexp
 from threadpoolctl import threadpool_limits
 
 from . import checkpoint
@@ -103,9 +104,7 @@ def logistic_metric(X, y, coef, intercept, alpha: float) -> float:
             z = X @ W[0] + b[0]
             return float(np.mean(np.logaddexp(0.0, z) - y * z) + penalty)
         Z = X @ W.T + b
-        top = Z.max(axis=1)
-        log_norm = top + np.log(np.exp(Z - top[:, None]).sum(axis=1))
-        return float(np.mean(log_norm - Z[np.arange(len(y)), np.asarray(y, dtype=np.int64)]) + penalty)
+        return float(np.mean(logsumexp(Z, axis=1) - Z[np.arange(len(y)), np.asarray(y, dtype=np.int64)]) + penalty)
 
 
 # -- dask-asgd: one fit, checkpoints as the trace ---------------------------------------

@@ -432,8 +432,7 @@ class Balancer:
         The split nearest in log scale, not the next under: 1448 samples with
         a 4096 floor take halves, not quarters (1.01: intervals are whole
         samples, 1448 for 1024 x sqrt(2))."""
-        wanted = self.n_params * self.comm_interval / self.settings.min_refresh
-        return self._split(1.01 * wanted * math.sqrt(2)) if wanted < self.n_params else self.n_params
+        return self._nearest_split(1.01 * self.n_params * self.comm_interval / self.settings.min_refresh)
 
     def follow_run(self, message_size: int, elapsed: float, why: str) -> Decision | None:
         """Take the run's message size at once (no wait for ``min_change_interval``):
@@ -468,7 +467,7 @@ class Balancer:
             return self.message_size
         # The age is a/m + c*m, as far above its minimum at k times the optimum
         # as at 1/k of it: the nearest split in log scale, not the next under.
-        return self._split(wanted * math.sqrt(2))
+        return self._nearest_split(wanted)
 
     def _freshest_size(self) -> float:
         """The message size (parameters) that keeps a worker's view of its
@@ -625,6 +624,10 @@ class Balancer:
         # The split nearest the wanted size (within sqrt(2)), not the next one
         # under it: 10 Mbit/s took 2,002 for a wanted 3,280, where the law's own
         # optimum was about 3,400 and 4,004 the best fixed slices.
+        return self._nearest_split(wanted)
+
+    def _nearest_split(self, wanted: float) -> int:
+        """The split nearest ``wanted`` in log scale (within sqrt(2) either side), not the next under."""
         return self._split(wanted * math.sqrt(2))
 
     def _split(self, wanted: float) -> int:

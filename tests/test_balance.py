@@ -428,6 +428,25 @@ def test_backlog_with_slow_probes_doubles_the_interval():
     assert decision.comm_interval >= 1.9 * interval
 
 
+def test_backlog_of_small_messages_takes_the_laws_interval_when_it_is_longer():
+    # A 33-parameter state (264-byte messages) on a fast link, 2.2 million
+    # samples/s: 250 messages a report at b=2048 cost 0.48 ms of CPU each, and
+    # the event loop falls behind (messages superseded). The law asks for
+    # 2.2e6 * 0.48 ms / 15% = 7,040 samples; doubling would give 4096.
+    balancer = Balancer(33, 8, 256, comm_interval=2048, message_size=33)
+    messages, cpu = 250, 250 * 0.48e-3
+    sends = [(264, 0.8e-3)] * 20 + [(8, 0.4e-3)]
+    decision = backlogged(balancer, Report(elapsed=0.75, samples=550_000, seconds=0.25, sends=sends, superseded=70,
+                                             in_flight=2, messages=messages, comm_cpu=cpu))
+    assert decision is not None and "backlog: 70 message(s) superseded" in decision.reason
+    assert decision.comm_interval == 8192  # 7,040 to the nearest sqrt(2) step of 256
+    # Never more than MAX_GROWTH (4x) at once: the law's estimate may be a blip.
+    costly = Balancer(33, 8, 256, comm_interval=2048, message_size=33)
+    capped = backlogged(costly, Report(elapsed=0.75, samples=550_000, seconds=0.25, sends=sends, superseded=70,
+                                         in_flight=2, messages=10, comm_cpu=0.1))
+    assert capped is not None and capped.comm_interval == 4 * 2048
+
+
 def test_the_run_size_cap_sets_the_size_and_follow_run_takes_it_at_once():
     # A quick link: this worker alone would send whole states ...
     balancer = Balancer(64_064, 8, 256, comm_interval=2048, message_size=64_064, settings=NO_REFRESH_FLOOR)

@@ -23,7 +23,9 @@ cluster method; single-process peers pinned to 2 BLAS/OpenMP threads):
   alike for both). Needs root; without it the regime is recorded as skipped, with
   the reason.
 * **Parallel efficiency**: asgd samples/s over 2 x a single-process NumPy loop of the
-  same model step, measured by ``bench_engine``'s code on the same cluster.
+  same model step, measured by ``bench_engine``'s code on the same cluster; beside
+  it the same fit in ``simuparallel`` mode (no state messages), which tells the
+  exchange's cost from the rest of the engine's.
 
 How time to target is measured, honestly for every method: the metric is computed in
 this process on *all* the rows (K-Means: mean squared distance to the nearest centre;
@@ -435,19 +437,23 @@ def _efficiency(client, repeats, n_samples, seconds, shapes, log) -> list[dict]:
         n_features, classes = shapes.get(kind, default)
         problem = bench_engine.Problem(kind, n_samples, n_features, classes)
         X, y = bench_engine.make_data(problem)
-        ratios, singles, rates, ceilings = [], [], [], []
+        ratios, singles, rates, ceilings, no_exchange = [], [], [], [], []
         for _ in range(repeats):
             # The baseline just before and after the cluster run, as bench_engine does.
             before = bench_engine.single_process_rate(problem, X, y, 256, seconds / 2)
             rate = bench_engine.asgd_rate(problem, X, y, client, 256, seconds)
+            # The same engine with no state messages: what the exchange costs, apart from the rest.
+            alone = bench_engine.asgd_rate(problem, X, y, client, 256, seconds, mode="simuparallel")
             after = bench_engine.single_process_rate(problem, X, y, 256, seconds / 2)
             singles.append((before + after) / 2)
             rates.append(rate)
             ratios.append(rate / (n_workers * singles[-1]))
+            no_exchange.append(alone / (n_workers * singles[-1]))
             # What the machine gives n bare loops at once (no Dask): the ceiling.
             side = bench_engine.side_by_side_rate(problem, 256, seconds / 2, n_workers)
             ceilings.append(side / (n_workers * singles[-1]))
-        log(f"efficiency {kind}: {[round(r, 2) for r in ratios]}; bare loops side by side: {[round(c, 2) for c in ceilings]}")
+        log(f"efficiency {kind}: {[round(r, 2) for r in ratios]}; no exchange: {[round(r, 2) for r in no_exchange]}; "
+            f"bare loops side by side: {[round(c, 2) for c in ceilings]}")
         records.append({
             "problem": f"efficiency-{kind}", "kind": kind, "data": "bench_engine.make_data", "n_samples": n_samples,
             "n_features": n_features, "n_classes": classes, "method": "asgd", "regime": "local", "status": "ok", "reason": None,
@@ -456,6 +462,7 @@ def _efficiency(client, repeats, n_samples, seconds, shapes, log) -> list[dict]:
             "repeats": repeats, "single_process_samples_per_s": statistics.median(singles),
             "asgd_samples_per_s": statistics.median(rates), "n_workers": n_workers,
             "side_by_side": statistics.median(ceilings), "side_by_side_all": ceilings,
+            "simuparallel_efficiency": statistics.median(no_exchange), "simuparallel_efficiency_all": no_exchange,
         })
     return records
 

@@ -39,14 +39,17 @@ def format_table(records: list[dict]) -> str:
     eff = [r for r in records if r["problem"].startswith("efficiency")]
     if eff:
         lines += ["", ("| parallel efficiency | workers | 1-process samples/s | asgd samples/s | efficiency (median) | "
-                      "bare loops side by side (no Dask) | repeats |"),
-                  "|---|---|---|---|---|---|---|"]
+                      "no exchange (simuparallel) | bare loops side by side (no Dask) | repeats |"),
+                  "|---|---|---|---|---|---|---|---|"]
         for r in eff:
+            # Older results have no simuparallel column.
+            alone = "-" if r.get("simuparallel_efficiency") is None else f"{r['simuparallel_efficiency']:.2f}"
             lines.append(f"| {r['kind']} {r['n_samples']:,}x{r['n_features']} | {r['n_workers']} | "
                          f"{r['single_process_samples_per_s']:,.0f} | {r['asgd_samples_per_s']:,.0f} | "
                          f"{r['final_metric']:.2f} ({', '.join(f'{v:.2f}' for v in r['final_metric_all'])}) | "
-                         f"{r['side_by_side']:.2f} | {r['repeats']} |")
-        lines.append(f"Side by side: {eff[0]['n_workers']} bare single-process loops run at once in "
+                         f"{alone} | {r['side_by_side']:.2f} | {r['repeats']} |")
+        lines.append(f"No exchange: the same fit in `simuparallel` mode (no state messages), over the same baseline. "
+                     f"Side by side: {eff[0]['n_workers']} bare single-process loops run at once in "
                      f"{eff[0]['n_workers']} processes, over {eff[0]['n_workers']} x one alone: "
                      "what the machine itself allows.")
     sizes = sorted({(r["problem"], r["n_samples"], r["n_features"], r["n_classes"]) for r in records

@@ -65,6 +65,8 @@ def test_tiny_suite_measures_what_it_claims(tiny):
         assert 0 < r["final_metric"] < 5
         # Bare loops side by side: the sum of n processes' rates over n x one alone.
         assert 0 < r["side_by_side"] < 1.5 and len(r["side_by_side_all"]) == r["repeats"]
+        # The engine without state messages, beside it: what the exchange costs.
+        assert 0 < r["simuparallel_efficiency"] < 5 and len(r["simuparallel_efficiency_all"]) == r["repeats"]
 
 
 def test_slow_network_runs_as_root_or_is_skipped_with_the_reason(tiny):

@@ -4,10 +4,13 @@ method and writes results.json, results.md and the plots (not its speed)."""
 import json
 import os
 
+import numpy as np
 import pytest
+from sklearn.metrics import log_loss
 
 from dask_asgd import bench_peers, cli
 from dask_asgd.bench_peers import PeerProblem
+from dask_asgd.bench_peers_methods import logistic_metric
 
 REQUIRED = {"problem", "method", "regime", "time_to_target_s", "final_metric", "repeats", "status"}
 
@@ -107,11 +110,6 @@ def test_a_slow_network_only_problem_is_not_loaded_when_the_slow_network_is_off(
 def test_the_logistic_metric_matches_scikit_learn_for_two_classes_and_for_many():
     # The objective every method is scored on: mean cross-entropy (scikit-learn's
     # log_loss of the predicted probabilities) + alpha/2 ||coef||^2, intercept spared.
-    import numpy as np
-    from sklearn.metrics import log_loss
-
-    from dask_asgd.bench_peers_methods import logistic_metric
-
     rng = np.random.default_rng(0)
     X = rng.normal(size=(500, 6))
     alpha = 1e-2

@@ -341,7 +341,52 @@ def ratios(records: list[dict]) -> dict:
                        for g in regimes)
             ],
         }
+        if all(len(r.get("times_to_target_s", ())) >= 2 for r in mine.values()):
+            out[problem].update(_noise(mine, regimes, fixed))
     return out
+
+
+# Beside the ratios: how far the repeats let them be trusted. The best fixed
+# setting's time is the least of several medians, each of a few noisy repeats,
+# so it reads low (the least of six draws is not a typical one), and auto's
+# ratio high, even where auto is exactly as good as that setting.
+def _noise(mine: dict, regimes: list[str], fixed: list[str]) -> dict:
+    """The repeats' spread (pooled standard deviation of log time to target over
+    cells whose every repeat reached it); per regime, auto's median over the
+    held-out best fixed setting's (chosen on the even repeats and timed on the odd
+    ones, and the other way round: no repeat both picks and times it); and the
+    chance that an auto exactly as good as the best fixed setting measures
+    within 1.15x of the best median here, with this spread, settings and repeats."""
+    logs = [np.log(r["times_to_target_s"]) for r in mine.values() if np.all(np.isfinite(r["times_to_target_s"]))]
+    spread = float(np.sqrt(np.mean([np.var(x, ddof=1) for x in logs]))) if logs else math.nan
+    heldout, chance = {}, {}
+    for g in regimes:
+        times = {f: np.asarray(mine[g, f]["times_to_target_s"]) for f in fixed}
+        timed = []
+        for pick, held in ((0, 1), (1, 0)):
+            best = min(fixed, key=lambda f: np.median(times[f][pick::2]))
+            timed += list(times[best][held::2])
+        heldout[g] = _over(mine[g, "auto"]["time_to_target_s"], float(np.median(timed)))
+        medians = [mine[g, f]["time_to_target_s"] for f in fixed]
+        chance[g] = chance_within(medians, spread, len(mine[g, "auto"]["times_to_target_s"]))
+    return {"repeat_spread": spread, "auto_over_heldout_best": heldout, "chance_within_1.15_if_equal": chance,
+            "chance_within_1.15_everywhere_if_equal": float(np.prod(list(chance.values())))}
+
+
+def chance_within(medians: list[float], spread: float, repeats: int, factor: float = 1.15,
+                  draws: int = 4000, seed: int = 0) -> float:
+    """The chance that the median of ``repeats`` runs of an auto exactly as good as
+    the best of the fixed settings (true times ``medians``; ``inf`` ones never
+    win) is within ``factor`` x the least of their measured medians, every run's
+    time log-normal with standard deviation ``spread``. 1 without spread."""
+    centres = np.asarray([m for m in medians if math.isfinite(m)])
+    if not centres.size or not math.isfinite(spread):
+        return math.nan
+    rng = np.random.default_rng(seed)
+    noise = lambda *shape: np.exp(rng.normal(0.0, spread, shape))  # noqa: E731
+    fixed = np.median(centres[None, :, None] * noise(draws, centres.size, repeats), axis=2).min(axis=1)
+    auto = np.median(centres.min() * noise(draws, repeats), axis=1)
+    return float(np.mean(auto <= factor * fixed))
 
 
 def _over(mine: float, best: float) -> float:
@@ -366,6 +411,12 @@ def format_table(records: list[dict]) -> str:
         lines.append(f"{problem}: auto / best fixed, time to target: {times}; loss at budget: {losses}; "
                      f"fixed settings within 1.15x of the best time in every regime: "
                      f"{s['fixed_within_1.15_everywhere'] or 'none'}")
+        if "repeat_spread" in s:
+            heldout = ", ".join(f"{g}: {v:.2f}" for g, v in s["auto_over_heldout_best"].items())
+            chance = ", ".join(f"{g}: {v:.2f}" for g, v in s["chance_within_1.15_if_equal"].items())
+            lines.append(f"{problem}: repeats' spread (sd of log time) {s['repeat_spread']:.2f}; auto / held-out best "
+                         f"fixed: {heldout}; chance that an auto as good as the best fixed setting measures within "
+                         f"1.15x: {chance}, in every regime: {s['chance_within_1.15_everywhere_if_equal']:.2f}")
     return "\n".join(lines)
 
 

@@ -712,6 +712,33 @@ def test_balance_benchmark_summary_arithmetic():
     assert math.isnan(ratios(lone)["q"]["auto_over_best"]["a"])
 
 
+def test_balance_benchmark_noise_statistics():
+    from dask_asgd.bench_balance import chance_within, ratios
+
+    # Without spread, an auto as good as the best is always within 1.15x; with
+    # spread it is not, less so with more settings to take the least of, more so
+    # with more repeats; a setting that never reaches the target cannot win.
+    assert chance_within([1.0, 1.1, 2.0], 0.0, 3) == 1.0
+    one, six = chance_within([1.0], 0.34, 3), chance_within([1.0, 1.0, 1.0, 1.0, 1.0, 1.0], 0.34, 3)
+    assert 0.6 < one < 0.75 and six < one - 0.2
+    assert chance_within([1.0, 1.0, 1.0, 1.0, 1.0, 1.0], 0.34, 9) > six + 0.05
+    assert chance_within([1.0, float("inf")], 0.34, 3) == one
+    assert math.isnan(chance_within([float("inf")], 0.34, 3))
+    # Held out: x is best on the even repeats (0 and 2) and y on the odd one;
+    # each is timed on the repeats that did not pick it: y's even ones, x's odd one.
+    times = {"auto": [2.0, 2.0, 2.0], "x": [1.0, 4.0, 1.0], "y": [3.0, 1.0, 3.0]}
+    records = [{"problem": "p", "regime": "a", "setting": f, "times_to_target_s": t,
+                "time_to_target_s": sorted(t)[1], "final_loss": 1.0} for f, t in times.items()]
+    r = ratios(records)["p"]
+    assert r["auto_over_best"]["a"] == 2.0  # over x's median, 1.0
+    assert r["auto_over_heldout_best"]["a"] == pytest.approx(2.0 / 3.0)  # over the median of 4, 3, 3
+    # Spread: the pooled sample standard deviation of log times over the three settings.
+    logs = [np.log(t) for t in times.values()]
+    assert r["repeat_spread"] == pytest.approx(np.sqrt(np.mean([np.var(x, ddof=1) for x in logs])))
+    assert r["chance_within_1.15_if_equal"]["a"] == chance_within([1.0, 3.0], r["repeat_spread"], 3)
+    assert r["chance_within_1.15_everywhere_if_equal"] == r["chance_within_1.15_if_equal"]["a"]
+
+
 def test_balance_benchmark_worker_summary_shows_a_stalled_worker():
     # History rows every 0.1 s; worker b writes none from 0.3 s to 1.5 s (its
     # training thread stalled) and ends behind.

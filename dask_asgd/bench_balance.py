@@ -15,6 +15,7 @@ from pathlib import Path
 
 import dask
 import numpy as np
+import psutil
 
 from .datasets import make_blobs
 from .engine._chains import TRAIN_KEY_PREFIX, AllWorkersLost
@@ -224,6 +225,19 @@ def curve(h) -> dict:
     }
 
 
+# The machine's CPU time by kind over one fit (set-up included): a repeat that
+# went badly is read against it. Softirq is mostly the kernel's shaping of the
+# emulated links; steal is time the hypervisor gave the cores to someone else.
+MACHINE_CPU_KINDS = ("user", "system", "softirq", "steal", "idle")
+
+
+def machine_cpu_since(before) -> dict[str, float]:
+    """Seconds of each of ``MACHINE_CPU_KINDS`` summed over cores since ``before``
+    (``psutil.cpu_times()``); kinds the platform does not have read 0."""
+    after = psutil.cpu_times()
+    return {kind: round(getattr(after, kind, 0.0) - getattr(before, kind, 0.0), 3) for kind in MACHINE_CPU_KINDS}
+
+
 def worker_summary(h) -> list[dict]:
     """Per worker: final loss, samples/s, and the longest gap between its history
     rows. A training thread that stalls writes no rows, so a gap far over the
@@ -260,6 +274,7 @@ def summarise(curves: list[dict], target: float) -> dict:
         **curves[middle],
         "repeat_adjustments": [c["adjustments"] for c in curves],
         "repeat_workers": [c["workers"] for c in curves],
+        "repeat_machine_cpu_s": [c.get("machine_cpu_s") for c in curves],
     }
 
 
@@ -286,8 +301,10 @@ def run(out: Path, quick: bool = False, budget: float | None = None, problems=("
                 for regime_name in regimes:
                     for setting in only or settings(n_params, quick):
                         name = f"{problem} {regime_name} {setting.name} repeat {repeat}"
+                        before = psutil.cpu_times()
                         h = _trained(cluster, client, make, X, y, setting, REGIMES[regime_name], budget, name)
-                        curves.setdefault((regime_name, setting.name), []).append(curve(h))
+                        curves.setdefault((regime_name, setting.name), []).append(
+                            {**curve(h), "machine_cpu_s": machine_cpu_since(before)})
                         print(f"{problem:8s} {regime_name:10s} {setting.name:22s} repeat {repeat} "
                               f"final loss {float(h.loss.mean('worker')[-1]):.5g}", flush=True)
                 # After each repeat: a later failure keeps what is done (a lost

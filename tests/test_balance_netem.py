@@ -221,9 +221,14 @@ def test_balance_benchmark_plumbing(tmp_path):
         assert r["time_to_target_s"] == float(np.median(r["times_to_target_s"]))
         assert r["budget_s"] == 1.5 and np.isfinite(r["final_loss"])
         assert len(r["time"]) == len(r["loss"]) == len(r["comm_interval"]) >= 2  # a curve (rows every 0.1 s; fewer under load)
+        # The machine's CPU over each fit: it trained for 1.5 s, so user time was spent.
+        for cpu in r["repeat_machine_cpu_s"]:
+            assert set(cpu) == set(bench_balance.MACHINE_CPU_KINDS) and cpu["user"] > 0.5
+            assert all(v >= 0 for v in cpu.values())
     # The target lies between the best loss reached unshaped and the start.
     target = saved[0]["target_loss"]
     assert min(min(r["loss"]) for r in saved) < target < max(r["loss"][0] for r in saved)
     table = (tmp_path / "results.md").read_text()
     assert "| logistic | 10mbit | auto |" in table and "auto / best fixed" in table
+    assert "auto / held-out best fixed" in table  # two repeats: the noise statistics too
     assert (tmp_path / "balance_logistic.png").stat().st_size > 10_000

@@ -552,8 +552,8 @@ def test_monitor_collects_reports_and_balances_auto_runs(client):
     assert all(reason for reason in h.adjustment_reason.values)
     assert (h.comm_interval.isel(time=0) == start).all()
     assert (h.comm_interval.isel(time=-1) != start).any()
-    # Auto sizes start at asgd.balance.start-message-size (8192): halves of the 16,000.
-    assert (h.message_size.isel(time=0) == 8_000).all()
+    # Auto sizes start at asgd.balance.start-message-size (4096): quarters of the 16,000.
+    assert (h.message_size.isel(time=0) == 4_000).all()
     assert set(h.adjustment_worker.values) <= set(h.worker.values)
     # What the workers applied is what history_ shows at the end.
     for worker in h.worker.values:

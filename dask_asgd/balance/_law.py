@@ -73,13 +73,14 @@ The law (our own design; the papers' is not published in usable form):
   at b=512, 19% at 1024, 14% at 2048 for logistic regression's eighths at
   100 Mbit/s; 2048 reached the target soonest), and c is at most 4 L.
 * Start: an auto run sends small slices (``asgd.balance.start-message-size``,
-  32 KB: 64 KB slices every 2048 samples filled a 10 Mbit/s link both ways, every
-  send waited, and the first bandwidth read 3.4-6.9 Mbit/s; K-Means took
-  3.04 s to target from them, 1.76 s from 32 KB) and reports the first two's times at once (the quicker of two waited
+  32 KB) and reports the first two's times at once (the quicker of two waited
   least; one caught in a stall of the machine read 7.5 Mbit/s unshaped): the
-  first setting comes from messages that cannot fill a slow link. From whole states, as at
-  first, a 10 Mbit/s link carried 0.4 s messages until the backlog rule cut
-  them, 0.65-0.77 s in, and they still had to drain.
+  first setting comes from messages that cannot fill a slow link. 64 KB slices
+  every 2048 samples did fill a 10 Mbit/s link, both ways: every send waited,
+  the first bandwidth read 3.4-6.9 Mbit/s, and K-Means took 3.04 s to target
+  where it takes 1.76 s from 32 KB. From whole states, as at first, a 10 Mbit/s
+  link carried 0.4 s messages until the backlog rule cut them, 0.65-0.77 s in,
+  and they still had to drain.
 * Probing: with all sends of one size, latency and bandwidth cannot be told
   apart. When such sends take long (over ``probe_seconds``), the message size is
   halved once, and the two sizes separate them.

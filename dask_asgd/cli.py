@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         "balance", help="auto balancing vs fixed settings on an emulated network (root: namespaces + tc tbf)"
     )
     balance.add_argument("--out", default="results/balance", help="folder for results.json, results.md and the plots")
-    balance.add_argument("--quick", action="store_true", help="2 intervals x 2 message sizes and a 10 s budget")
+    balance.add_argument("--quick", action="store_true", help="2 intervals x 3 message sizes and a 10 s budget")
     balance.add_argument("--budget", type=float, help="training seconds per run (default 30, or 10 with --quick)")
     balance.add_argument("--repeats", type=_positive_int, default=3, help="runs per setting and regime; medians are reported")
     balance.set_defaults(func=_bench_balance)

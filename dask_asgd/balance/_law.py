@@ -26,7 +26,7 @@ The law (our own design; the papers' is not published in usable form):
   where the two paces meet. The law takes the size of least age on a grid
   (2**(1/8) apart) with both paces. Measured on K-Means at 10 Mbit/s (c
   4-5 ms): by the link alone 2000-parameter slices, 4.5-4.6 s to target,
-  where 4000 took 2.2-2.6 s. Clipped to [min, whole
+  where auto with 4000 took 2.8-3.1 s. Clipped to [min, whole
   state] and rounded to the nearest power-of-two split (in log scale: the age
   grows alike either side of its minimum): latency-bound links (L*B large)
   get whole states, bandwidth-bound links slices that shrink with sqrt(B).
@@ -107,8 +107,8 @@ The law (our own design; the papers' is not published in usable form):
   band around the current value (``deadband``, a ratio wider than one step),
   or the link cannot carry the sends at all (a link share over one), then to
   the target quantised to powers of sqrt(2) times the batch size, at most 4x
-  up at a time, and at most every ``min_change_interval`` seconds, except for
-  backlog.
+  up at a time, and at most every ``min_change_interval`` seconds (every
+  half of it on backlog).
 """
 
 from __future__ import annotations

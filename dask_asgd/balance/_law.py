@@ -26,7 +26,15 @@ The law (our own design; the papers' is not published in usable form):
   where the two paces meet. The law takes the size of least age on a grid
   (2**(1/8) apart) with both paces. Measured on K-Means at 10 Mbit/s (c
   4-5 ms): by the link alone 2000-parameter slices, 4.5-4.6 s to target,
-  where auto with 4000 took 2.8-3.1 s. Clipped to [min, whole
+  where auto with 4000 took 2.8-3.1 s. But the CPU's pace takes a message's
+  CPU for the same at any size, and on a paced link it grows with the size
+  (100 Mbit/s: 9-10 ms for halves, 3-4 ms for 1/16); so the optimum moves up
+  at most ``CPU_PACE_REACH`` (2) times the link's own. At 100 Mbit/s the
+  unbounded shift took halves, where logistic regression lost 29% of its
+  samples/s and took 1.3x as long to target as with 1/16 slices; now
+  quarters (interleaved A/B, 6 repeats each: logistic regression 4.05 s to
+  target against 5.36, 1/16 slices 4.02-4.18; K-Means 0.88 against 0.97,
+  halves 0.89-0.93). Clipped to [min, whole
   state] and rounded to the nearest power-of-two split (in log scale: the age
   grows alike either side of its minimum): latency-bound links (L*B large)
   get whole states, bandwidth-bound links slices that shrink with sqrt(B).
@@ -180,6 +188,8 @@ MAX_GROWTH = 4
 SIZE_DEADBAND = 1.8
 # A message's measured CPU cost is at most this factor over the latency.
 MESSAGE_COST_SPREAD = 4.0
+# The CPU's pace moves the message size at most this factor over the link's own optimum.
+CPU_PACE_REACH = 2.0
 # The sender name under which the scheduler's monitor sends each worker its settings.
 BALANCER_SENDER = "scheduler"
 
@@ -490,13 +500,17 @@ class Balancer:
         else:
             floor = self.comm_interval / self.speed if self.speed else 0.0
 
-        def age(m: float) -> float:
+        def age(m: float, floor: float = floor) -> float:
             message = self.latency + m * self.itemsize / self.bandwidth
             return self.n_params / m * max(floor, message / s.link_share) / 2 + message
 
         smallest = min(s.min_message_size, self.n_params)
         steps = math.ceil(8 * math.log2(self.n_params / smallest))
-        return min((self.n_params * 2 ** (-k / 8) for k in range(steps + 1)), key=age)
+        grid = [self.n_params * 2 ** (-k / 8) for k in range(steps + 1)]
+        # The CPU's pace moves the optimum up from the link's own, but only so
+        # far: a message's CPU grows with its size on a paced link (the module's docstring).
+        reach = CPU_PACE_REACH * min(grid, key=lambda m: age(m, 0.0))
+        return min((m for m in grid if m <= reach), key=age)
 
     def target_interval(self, message_size: int) -> float | None:
         """The interval the law asks for, before quantisation; none while the
